@@ -141,6 +141,15 @@ class BufferConfig:
     """Oldest admissible pairs first, or uniformly among admissible pairs."""
     min_fresh_pairs: int = 16
     """The learner waits until this many admissible pairs exist before sampling."""
+    max_pending: int | None = None
+    """Back-pressure: producers pause while this many unsampled pairs wait (None: ``capacity``).
+    Keep it near ``max_staleness`` learner steps' worth of pairs so waiting pairs are consumed
+    before they go stale (docs/buffer.md)."""
+    max_reuse: int = 1
+    """Times one pair may be sampled before it leaves memory (1: each pair is used once)."""
+    admit_noops: bool = True
+    """Keep pairs with y' == y in memory for sampling; when False they are logged and counted
+    but not sampled (set it False with ``objective.noop_policy: drop``)."""
 
 
 @section
@@ -229,8 +238,9 @@ class RunConfig:
     """Parent directory of run directories (a shared path on clusters)."""
     seed: int = 0
     """Seed of prompts, sampling and initialisation."""
-    mode: Literal["async", "sync", "inprocess"] = "async"
-    """``async`` (Ray, concurrent), ``sync`` (Ray, lockstep) or ``inprocess`` (no Ray)."""
+    mode: Literal["inprocess"] = "inprocess"
+    """How the loop runs: ``inprocess`` (one process, no Ray; the reference algorithm). The Ray
+    modes (``async``, ``sync``) join this list when correction_rl.distributed lands."""
     total_steps: int = 50
     """Learner steps to run."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -139,3 +139,17 @@ def load_tokenizer(path: str | Path):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def cli(argv: list[str]) -> int:
+    """``correction-rl make-model PATH [--size tiny|base|small] [--seed N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="correction-rl make-model", description=make_model.__doc__)
+    parser.add_argument("path")
+    parser.add_argument("--size", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = make_model(args.path, args.size, args.seed)
+    print(f"wrote {args.size} model ({count_parameters(load_model(path)):,} parameters) to {path}")
+    return 0

@@ -140,6 +140,11 @@ class TrainBatch:
     ref_rejected_logps: "torch.Tensor | None" = None
     noop: "torch.Tensor | None" = None
     """Bool [n]: y' == y for this pair."""
+    prompt_lengths: "torch.Tensor | None" = None
+    """Long [n]: tokens of x in pair i (rows i and n+i start with the same prompt)."""
+    shared_prefix_lengths: "torch.Tensor | None" = None
+    """Long [n]: leading response tokens y and y' share; prompt + this prefix is identical in rows
+    i and n+i, which is what the shared-prefix forward (``shared_prefix.py``) encodes once."""
 
     @property
     def num_pairs(self) -> int:

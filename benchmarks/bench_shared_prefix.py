@@ -1,0 +1,113 @@
+"""Shared-prefix forward+backward vs the naive ``[chosen; rejected]`` forward (time).
+
+Run from the repo root: ``python benchmarks/bench_shared_prefix.py [--quick] [--repeats N]``.
+Prints one JSON line per shared fraction f (0, 0.5, 0.9): the share of the response that y and y'
+have in common. Each pair has a prompt of ``--prompt`` tokens and two responses of ``--response``
+tokens; y' = y[:f * response] + a different random tail. One measurement = ``score_pairs`` +
+``correction_loss`` (logistic) + ``backward`` on the "small" model (models.SHAPES), in train mode.
+Variants are interleaved within each repeat (so load from other processes hits both alike) and
+the medians are compared:
+
+* ``time_ratio``: forced shared-prefix forward (``shared_prefix: on``) / naive (``off``);
+* ``time_ratio_auto``: what the learner does under ``shared_prefix: auto`` / naive;
+* ``cost_ratio_estimate``: the padded-token estimate the ``auto`` rule thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from correction_rl.collate import collate_pairs  # noqa: E402
+from correction_rl.config import ObjectiveConfig  # noqa: E402
+from correction_rl.models import build_model  # noqa: E402
+from correction_rl.objectives import correction_loss  # noqa: E402
+from correction_rl.shared_prefix import score_pairs, shared_prefix_cost_ratio, use_shared_prefix  # noqa: E402
+from correction_rl.types import CorrectionPair  # noqa: E402
+
+
+def make_pairs(num_pairs: int, prompt: int, response: int, fraction: float, vocab: int, seed: int):
+    rng = random.Random(seed)
+    shared = int(round(fraction * response))
+    pairs = []
+    for i in range(num_pairs):
+        prompt_ids = [1] + [rng.randrange(4, vocab) for _ in range(prompt - 1)]
+        y = [rng.randrange(4, vocab) for _ in range(response)]
+        tail = [rng.randrange(4, vocab) for _ in range(response - shared)]
+        if tail and tail[0] == y[shared]:
+            tail[0] = 4 + (tail[0] - 3) % (vocab - 4)  # make sure they diverge at `shared`
+        y_prime = y[:shared] + tail
+        pairs.append(CorrectionPair(str(i), prompt_ids, y, y_prime, 0, "bench", len(tail)))
+    return pairs
+
+
+def step_seconds(model, batch, cfg: ObjectiveConfig) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    scores = score_pairs(model, batch, cfg)
+    out = correction_loss(scores, None, None, cfg, batch.noop)
+    out.loss.backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, short sequences")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--response", type=int, default=112)
+    args = parser.parse_args()
+    size = "tiny" if args.quick else "small"
+    if args.quick:
+        args.repeats, args.response = min(args.repeats, 3), min(args.response, 48)
+    torch.manual_seed(0)
+    model = build_model(size)
+    model.train()
+    vocab = model.config.vocab_size
+    for fraction in (0.0, 0.5, 0.9):
+        pairs = make_pairs(args.pairs, args.prompt, args.response, fraction, vocab, seed=1)
+        batch, _ = collate_pairs(pairs, pad_id=0, max_seq_len=args.prompt + args.response, truncation="drop")
+        cfgs = {mode: ObjectiveConfig(form="logistic", shared_prefix=mode) for mode in ("off", "on", "auto")}
+        for cfg in cfgs.values():  # warm-up (allocator, lazy init)
+            step_seconds(model, batch, cfg)
+        times: dict[str, list[float]] = {mode: [] for mode in cfgs}
+        for _ in range(args.repeats):
+            for mode, cfg in cfgs.items():
+                times[mode].append(step_seconds(model, batch, cfg))
+        med = {mode: statistics.median(t) for mode, t in times.items()}
+        print(
+            json.dumps(
+                {
+                    "bench": "shared_prefix",
+                    "model": size,
+                    "shared_fraction": fraction,
+                    "time_ratio": round(med["on"] / med["off"], 3),
+                    "time_ratio_auto": round(med["auto"] / med["off"], 3),
+                    "auto_uses_shared_prefix": use_shared_prefix(model, batch, cfgs["auto"]),
+                    "cost_ratio_estimate": round(shared_prefix_cost_ratio(batch), 3),
+                    "naive_s": round(med["off"], 4),
+                    "shared_s": round(med["on"], 4),
+                    "auto_s": round(med["auto"], 4),
+                    "repeats": args.repeats,
+                    "pairs": args.pairs,
+                    "prompt_len": args.prompt,
+                    "response_len": args.response,
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The in-process driver: the reference algorithm, one readable function per phase.
+
+    act      generator.generate(prompts)           -> rollouts (y, policy version)
+    correct  teacher.correct(rollouts)             -> corrections (y')
+    store    make_pairs -> attach_reference -> buffer.add (durable log first)
+    learn    buffer.sample -> learner.train_step   -> StepStats
+    sync     flatten_to_buckets -> sync.publish    -> generators at the new version
+    log      every component's metrics -> sinks
+
+Everything runs in one process, without Ray: this is what tests and debugging use, and what the
+distributed driver (correction_rl.distributed) parallelises without changing the phases.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from correction_rl.buffer import ReplayBuffer
+from correction_rl.config import RunConfig, dump_config, to_dict
+from correction_rl.correction_log import CorrectionLog
+from correction_rl.evaluation import EvalReport, evaluate
+from correction_rl.learner import Learner
+from correction_rl.metrics import ConsoleSink, JsonlSink, MetricSink, MultiSink, WandbSink
+from correction_rl.models import load_model, load_tokenizer
+from correction_rl.pairs import make_pairs
+from correction_rl.prompt_stream import PromptStream
+from correction_rl.rollout.base import Generator
+from correction_rl.sync import InProcessSync, SyncReport, flatten_to_buckets
+from correction_rl.tasks.registry import make_prompts
+from correction_rl.teachers.base import Teacher
+from correction_rl.types import Prompt, Sampling
+
+
+@dataclass
+class System:
+    """The components of one in-process run, built once from the config."""
+
+    cfg: RunConfig
+    run_dir: Path
+    tokenizer: Any
+    generator: Generator
+    teacher: Teacher
+    learner: Learner
+    buffer: ReplayBuffer
+    sync: InProcessSync
+    sink: MetricSink
+    train_prompts: PromptStream
+    eval_prompts: list[Prompt]
+    rng: random.Random
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def count(self, key: str, amount: float = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + amount
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    before: EvalReport
+    after: EvalReport
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def load_prompts(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts: from the configured tasks, or a JSONL file for training."""
+    task = cfg.task
+    held_out = make_prompts(task.names, task.difficulty, task.num_eval, "eval", cfg.seed)
+    if task.prompts_file:
+        from correction_rl.data import load_prompts_jsonl
+
+        return load_prompts_jsonl(task.prompts_file), held_out
+    return make_prompts(task.names, task.difficulty, task.num_train, "train", cfg.seed), held_out
+
+
+def build_generator(cfg: RunConfig) -> Generator:
+    if cfg.rollout.engine == "vllm":
+        from correction_rl.rollout.vllm import VLLMGenerator
+
+        return VLLMGenerator(
+            cfg.model.path,
+            seed=cfg.seed,
+            max_model_len=cfg.model.max_seq_len,
+            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+        )
+    from correction_rl.rollout.hf import HFGenerator
+
+    return HFGenerator(cfg.model.path)
+
+
+def build_teacher(cfg: RunConfig) -> Teacher:
+    if cfg.teacher.kind == "oracle":
+        from correction_rl.teachers.oracle import OracleTeacher
+
+        return OracleTeacher(difficulty=cfg.task.difficulty)
+    raise NotImplementedError(
+        f"teacher.kind={cfg.teacher.kind!r} comes with the LLM-teachers issue; use 'oracle'"
+    )
+
+
+def build_sink(cfg: RunConfig, run_dir: Path) -> MetricSink:
+    sinks: list[MetricSink] = [
+        ConsoleSink(every=cfg.metrics.console_every_steps),
+        JsonlSink(run_dir / "metrics.jsonl"),
+    ]
+    if cfg.metrics.wandb_mode != "disabled":
+        sinks.append(WandbSink(cfg.metrics, run_dir, to_dict(cfg)))
+    return MultiSink(sinks)
+
+
+def build_system(cfg: RunConfig) -> System:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    tokenizer = load_tokenizer(cfg.model.path)
+    train, held_out = load_prompts(cfg)
+    generator = build_generator(cfg)
+    learner = Learner(
+        load_model(cfg.model.path),
+        pad_id=tokenizer.pad_token_id,
+        learner_cfg=cfg.learner,
+        objective_cfg=cfg.objective,
+        model_cfg=cfg.model,
+        total_steps=cfg.total_steps,
+    )
+    log = CorrectionLog(run_dir / "corrections.jsonl", meta={"run": cfg.name})
+    return System(
+        cfg=cfg,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        generator=generator,
+        teacher=build_teacher(cfg),
+        learner=learner,
+        buffer=ReplayBuffer(cfg.buffer, log),
+        sync=InProcessSync([generator], timeout_s=cfg.sync.timeout_s),
+        sink=build_sink(cfg, run_dir),
+        train_prompts=PromptStream(train, cfg.seed),
+        eval_prompts=held_out[: cfg.eval.num_prompts * len(cfg.task.names)],
+        rng=random.Random(cfg.seed),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases
+
+
+def rollout_sampling(cfg: RunConfig, seed: int) -> Sampling:
+    r = cfg.rollout
+    return Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=seed)
+
+
+def act_correct_store(system: System) -> dict[str, float]:
+    """One batch of prompts through generator and teacher into the buffer."""
+    cfg = system.cfg
+    prompts = system.train_prompts.next_batch(cfg.rollout.batch_size)
+    t0 = time.perf_counter()
+    rollouts = system.generator.generate(prompts, rollout_sampling(cfg, system.rng.randrange(2**31)))
+    t1 = time.perf_counter()
+    corrections = system.teacher.correct(rollouts)
+    t2 = time.perf_counter()
+    pairs, skipped = make_pairs(corrections, system.tokenizer, system.tokenizer.eos_token_id)
+    pairs = system.learner.attach_reference(pairs)
+    added = system.buffer.add(pairs)
+    for reason, n in skipped.items():
+        system.count(f"teacher/skipped/{reason}", n)
+    tokens = sum(len(r.response_ids) for r in rollouts)
+    return {
+        "rollout/seconds": t1 - t0,
+        "rollout/tokens_per_s": tokens / max(t1 - t0, 1e-9),
+        "rollout/mean_response_tokens": tokens / max(1, len(rollouts)),
+        "teacher/seconds": t2 - t1,
+        "teacher/pairs_per_s": len(pairs) / max(t2 - t1, 1e-9),
+        "teacher/noop_rate": sum(p.is_noop for p in pairs) / max(1, len(pairs)),
+        "teacher/mean_edit_distance": sum(p.edit_distance for p in pairs) / max(1, len(pairs)),
+        "buffer/admitted": float(added.admitted),
+    }
+
+
+def learn(system: System) -> dict[str, float] | None:
+    """Sample one step's pairs (collecting more first if needed) and apply one update."""
+    cfg, learner = system.cfg, system.learner
+    n = cfg.learner.micro_batch_pairs * cfg.learner.grad_accum
+    collect: dict[str, float] = {}
+    for _ in range(100):
+        pairs = system.buffer.sample(n, learner.version, system.rng)
+        if pairs is not None:
+            break
+        collect = act_correct_store(system)
+    else:
+        raise RuntimeError(
+            f"the buffer gave no batch of {n} pairs after 100 collection rounds; check "
+            "buffer.min_fresh_pairs / max_staleness and the teacher's rejection counters"
+        )
+    stats = learner.train_step(pairs)
+    return {**collect, **stats.as_metrics()}
+
+
+def sync_weights(system: System) -> SyncReport:
+    learner = system.learner
+    update = flatten_to_buckets(
+        learner.named_weights(), learner.version, system.cfg.sync.bucket_mb * 2**20
+    )
+    return system.sync.publish(update)
+
+
+def held_out_eval(system: System, init_generator: Generator | None = None) -> EvalReport:
+    cfg = system.cfg
+    return evaluate(
+        system.generator,
+        system.eval_prompts,
+        system.teacher,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        sampled_temperature=cfg.rollout.temperature if cfg.eval.sampled else None,
+        seed=cfg.seed,
+    )
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """act -> correct -> store -> learn -> sync -> log, until ``total_steps`` updates."""
+    system = build_system(cfg)
+    try:
+        before = held_out_eval(system)
+        before.save(system.run_dir / "eval_before.json")
+        system.sink.log(before.metrics("eval/"), step=0)
+        while system.learner.version < cfg.total_steps:
+            metrics = learn(system)
+            step = system.learner.version
+            if step % cfg.sync.every_steps == 0 or step == cfg.total_steps:
+                metrics.update(sync_weights(system).as_metrics())
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.total_steps:
+                metrics.update(held_out_eval(system).metrics("eval/"))
+            metrics.update(system.buffer.stats().as_metrics())
+            metrics.update(system.counters)
+            system.sink.log(metrics, step=step)
+        after = held_out_eval(system)
+        after.save(system.run_dir / "eval_after.json")
+        system.sink.log(after.metrics("eval/"), step=system.learner.version)
+        system.learner.save_pretrained(system.run_dir / "policy")
+        return RunResult(system.run_dir, system.learner.version, before, after)
+    finally:
+        system.sink.close()
+        system.buffer.close() if hasattr(system.buffer, "close") else None
+        close = getattr(system.generator, "close", None)
+        if close:
+            close()

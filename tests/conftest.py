@@ -1,0 +1,122 @@
+"""Shared fixtures: one tiny model per session, one vLLM engine per session, learner weights.
+
+Why session scope: building the tiny model takes ~1 s, but a vLLM engine takes ~40 s to start
+on the project's 2-core machines (and its first generate ~25 s), so every test that needs vLLM
+must share ONE engine (``vllm_engine``). Tests that need a known weight state call
+``vllm_engine_reset`` (or load their own weights with a version above the engine's current one:
+generators refuse older versions).
+
+Also: ``@pytest.mark.gpu`` tests are skipped when CUDA is not available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+# Strings the ``learner_weights`` fixture overfits: after training, greedy decoding of
+# ``prompt`` yields ``answer`` then <eos> (finish_reason "stop") with margins far above float
+# noise. (No empty prompt here: after <bos> alone the first characters of all examples would
+# tie, and a tie makes two correct engines disagree.)
+TRAIN_EXAMPLES: list[tuple[str, str]] = [("12+34=", "46"), ("7+8=", "15"), ("ab", "cd")]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama + char tokenizer saved as a HF directory (seed 0).
+    Read-only by convention: tests that train copy the weights into their own model."""
+    from correction_rl.models import make_model
+
+    return make_model(tmp_path_factory.mktemp("tiny_model") / "model", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from correction_rl.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def train_tiny(model, tokenizer, steps: int = 60, lr: float = 3e-3, seed: int = 0) -> None:
+    """Overfit ``TRAIN_EXAMPLES`` with AdamW (full-sequence LM loss on prompt+answer+<eos>),
+    in place. Gives the learner-side weights confident, non-random greedy outputs so that
+    engine-vs-learner comparisons do not hinge on near-ties of a random model."""
+    texts = [p + a for p, a in TRAIN_EXAMPLES]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    eos = torch.full((len(texts), 1), tokenizer.eos_token_id)
+    ids = torch.cat([enc["input_ids"], eos], dim=1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(eos)], dim=1)
+    labels = ids.masked_fill(mask == 0, -100)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def learner_weights(tiny_model_dir, tiny_tokenizer) -> dict[str, torch.Tensor]:
+    """Named parameters of the tiny model after ``train_tiny`` (AdamW steps): what a learner
+    would publish. Returned as detached clones; build a model from them with
+    ``learner_model``."""
+    from correction_rl.models import load_model
+
+    model = load_model(tiny_model_dir)
+    train_tiny(model, tiny_tokenizer)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def learner_model(tiny_model_dir, learner_weights):
+    """A fresh HF model holding ``learner_weights`` (function scope: tests may modify it)."""
+    from correction_rl.models import load_model
+
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(learner_weights[name])
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir):
+    """THE shared vLLM engine (CPU build here) over ``tiny_model_dir``; skipped when vllm is
+    not installed. Its weights and ``policy_version`` are whatever the previous test left."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    from correction_rl.rollout.vllm import VLLMGenerator
+
+    engine = VLLMGenerator(tiny_model_dir, max_model_len=256, kv_cache_gb=1, seed=0)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def vllm_engine_reset(vllm_engine, tiny_model_dir):
+    """``vllm_engine`` with the tiny model's initial weights loaded again, at version
+    ``policy_version + 1`` (versions only move forward)."""
+    from correction_rl.models import load_model
+    from correction_rl.sync import flatten_to_buckets
+
+    initial = load_model(tiny_model_dir)
+    update = flatten_to_buckets(initial.named_parameters(), vllm_engine.policy_version + 1, 1 << 22)
+    vllm_engine.load_weights(update)
+    return vllm_engine
