@@ -6,7 +6,11 @@ have in common. Each pair has a prompt of ``--prompt`` tokens and two responses 
 tokens; y' = y[:f * response] + a different random tail. One measurement = ``score_pairs`` +
 ``correction_loss`` (logistic) + ``backward`` on the "small" model (models.SHAPES), in train mode.
 Variants are interleaved within each repeat (so load from other processes hits both alike) and
-the medians are compared:
+the medians are compared. Times are the process's CPU seconds (``time.process_time``) with
+``--threads 1`` by default: on the project's shared 2-core machines, wall time of a 2-thread run
+mostly measures OpenMP threads spin-waiting for a descheduled sibling (ratios moved by +-20%
+between identical variants); one thread's CPU time is the work done. Wall-clock ratios are
+printed too (``wall_time_ratio*``).
 
 * ``time_ratio``: forced shared-prefix forward (``shared_prefix: on``) / naive (``off``);
 * ``time_ratio_auto``: what the learner does under ``shared_prefix: auto`` / naive;
@@ -50,13 +54,14 @@ def make_pairs(num_pairs: int, prompt: int, response: int, fraction: float, voca
     return pairs
 
 
-def step_seconds(model, batch, cfg: ObjectiveConfig) -> float:
+def step_seconds(model, batch, cfg: ObjectiveConfig) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one forward + loss + backward."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     scores = score_pairs(model, batch, cfg)
     out = correction_loss(scores, None, None, cfg, batch.noop)
     out.loss.backward()
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def main() -> None:
@@ -66,7 +71,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--response", type=int, default=112)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     size = "tiny" if args.quick else "small"
     if args.quick:
         args.repeats, args.response = min(args.repeats, 3), min(args.response, 48)
@@ -80,11 +87,12 @@ def main() -> None:
         cfgs = {mode: ObjectiveConfig(form="logistic", shared_prefix=mode) for mode in ("off", "on", "auto")}
         for cfg in cfgs.values():  # warm-up (allocator, lazy init)
             step_seconds(model, batch, cfg)
-        times: dict[str, list[float]] = {mode: [] for mode in cfgs}
+        times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in cfgs}
         for _ in range(args.repeats):
             for mode, cfg in cfgs.items():
                 times[mode].append(step_seconds(model, batch, cfg))
-        med = {mode: statistics.median(t) for mode, t in times.items()}
+        med = {mode: statistics.median(c for c, _ in t) for mode, t in times.items()}
+        wall = {mode: statistics.median(w for _, w in t) for mode, t in times.items()}
         print(
             json.dumps(
                 {
@@ -95,9 +103,11 @@ def main() -> None:
                     "time_ratio_auto": round(med["auto"] / med["off"], 3),
                     "auto_uses_shared_prefix": use_shared_prefix(model, batch, cfgs["auto"]),
                     "cost_ratio_estimate": round(shared_prefix_cost_ratio(batch), 3),
-                    "naive_s": round(med["off"], 4),
-                    "shared_s": round(med["on"], 4),
-                    "auto_s": round(med["auto"], 4),
+                    "wall_time_ratio": round(wall["on"] / wall["off"], 3),
+                    "wall_time_ratio_auto": round(wall["auto"] / wall["off"], 3),
+                    "naive_cpu_s": round(med["off"], 4),
+                    "shared_cpu_s": round(med["on"], 4),
+                    "auto_cpu_s": round(med["auto"], 4),
                     "repeats": args.repeats,
                     "pairs": args.pairs,
                     "prompt_len": args.prompt,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,10 @@ class BufferStats:
     """Mean length of y over sampled pairs (compare with ``mean_len_stale``)."""
     mean_len_stale: float
     """Mean length of y over pairs evicted as stale: a gap to the above is a length bias."""
+    producer_wait_s: float = 0.0
+    """Total seconds producers spent blocked in ``wait_for_room`` (back-pressure at work)."""
+    learner_wait_s: float = 0.0
+    """Total seconds the learner spent blocked in ``wait_until_ready`` (starved of pairs)."""
 
     @property
     def noop_rate(self) -> float:
@@ -101,6 +106,7 @@ class BufferStats:
             "last_batch_staleness_mean": self.last_batch_staleness_mean,
             "last_batch_staleness_max": self.last_batch_staleness_max,
             "mean_len_sampled": self.mean_len_sampled, "mean_len_stale": self.mean_len_stale,
+            "producer_wait_s": self.producer_wait_s, "learner_wait_s": self.learner_wait_s,
         }
         n = sum(self.sampled_staleness_hist.values())
         out["sampled_staleness_mean"] = (
@@ -128,6 +134,8 @@ class _Counters:
     sampled_staleness: Counter = field(default_factory=Counter)
     tokens_sampled: int = 0
     tokens_stale: int = 0
+    producer_wait_s: float = 0.0
+    learner_wait_s: float = 0.0
     last_batch_staleness: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +155,11 @@ class _Counters:
 class ReplayBuffer:
     """Versioned store of ``CorrectionPair``s between the teachers and the learner."""
 
-    def __init__(self, cfg: BufferConfig, log: CorrectionLog | None = None):
+    def __init__(self, cfg: BufferConfig, log: CorrectionLog | str | Path | None = None, seed: int = 0):
+        """``log``: an open ``CorrectionLog``, or a path to open one here (what a Ray actor
+        passes, since an open log cannot be pickled), or None for a memory-only buffer.
+        ``seed``: the buffer's own sampling RNG (used when ``sample`` gets no ``rng``, e.g.
+        across a Ray call where a passed RNG's advance would be lost; checkpointed)."""
         max_pending = cfg.capacity if cfg.max_pending is None else cfg.max_pending
         for name, value, low in (("capacity", cfg.capacity, 1), ("max_staleness", cfg.max_staleness, 0),
                                  ("max_pending", max_pending, 1), ("max_reuse", cfg.max_reuse, 1),
@@ -157,7 +169,7 @@ class ReplayBuffer:
         if max_pending > cfg.capacity:
             raise ValueError(f"buffer.max_pending ({max_pending}) must not exceed buffer.capacity ({cfg.capacity})")
         self.cfg = cfg
-        self.log = log
+        self.log = CorrectionLog(log) if isinstance(log, (str, Path)) else log
         self.max_pending = max_pending
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
@@ -165,7 +177,7 @@ class ReplayBuffer:
         self._seq = 0
         self._learner_version = 0
         self._counters = _Counters()
-        self._rng = random.Random(0)
+        self._rng = random.Random(seed)
         self._closed = False
 
     # ------------------------------------------------------------------ producers
@@ -190,7 +202,7 @@ class ReplayBuffer:
             self._cond.notify_all()
             return result
 
-    def _admit(self, fresh: list[CorrectionPair], uses: dict[str, int] | None = None) -> AddResult:
+    def _admit(self, fresh: list[CorrectionPair]) -> AddResult:
         admitted = stale = noops = 0
         c = self._counters
         for pair in fresh:
@@ -203,7 +215,7 @@ class ReplayBuffer:
                 noops += 1
                 c.evicted["noop"] += 1
             else:
-                self._entries[pair.pair_id] = _Entry(pair, self._seq, (uses or {}).get(pair.pair_id, 0))
+                self._entries[pair.pair_id] = _Entry(pair, self._seq)
                 self._seq += 1
                 admitted += 1
         evicted = 0
@@ -235,9 +247,10 @@ class ReplayBuffer:
     def wait_for_room(self, timeout: float | None = None) -> bool:
         """Block until ``has_room()`` (True) or the timeout / ``close()`` (False)."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self._closed or self._pending() < self.max_pending, timeout
-            ) and not self._closed
+            t0 = time.perf_counter()
+            ok = self._cond.wait_for(lambda: self._closed or self._pending() < self.max_pending, timeout)
+            self._counters.producer_wait_s += time.perf_counter() - t0
+            return ok and not self._closed
 
     # ------------------------------------------------------------------ learner
     def set_learner_version(self, version: int) -> int:
@@ -269,10 +282,13 @@ class ReplayBuffer:
 
     def wait_until_ready(self, n: int, learner_version: int, timeout: float | None = None) -> bool:
         with self._cond:
-            return self._cond.wait_for(
+            t0 = time.perf_counter()
+            ok = self._cond.wait_for(
                 lambda: self._closed or self._admissible(learner_version) >= max(n, self.cfg.min_fresh_pairs),
                 timeout,
-            ) and not self._closed
+            )
+            self._counters.learner_wait_s += time.perf_counter() - t0
+            return ok and not self._closed
 
     def _admissible(self, version: int) -> int:
         return sum(1 for e in self._entries.values()
@@ -309,10 +325,13 @@ class ReplayBuffer:
             return [e.pair for e in chosen]
 
     def close(self) -> None:
-        """Wake every waiter (they return False); used at shutdown."""
+        """Shutdown: wake every waiter (they return False) and close the attached log (which
+        releases its writer lock, so a resumed run in this process can reopen it)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            if self.log is not None:
+                self.log.close()
 
     # ------------------------------------------------------------------ observability
     def __len__(self) -> int:
@@ -336,6 +355,7 @@ class ReplayBuffer:
                 last_batch_staleness_max=max(last) if last else 0,
                 mean_len_sampled=c.tokens_sampled / c.sampled if c.sampled else 0.0,
                 mean_len_stale=c.tokens_stale / stale_n if stale_n else 0.0,
+                producer_wait_s=c.producer_wait_s, learner_wait_s=c.learner_wait_s,
             )
 
     def metrics(self) -> dict[str, float]:

@@ -50,9 +50,10 @@ class ModelConfig:
 @section
 class TaskConfig:
     names: list[str] = field(default_factory=lambda: ["addition"])
-    """Tasks to draw prompts from (see docs/tasks.md): ``addition``, ``sorting``, ``string``."""
+    """Tasks to draw prompts from (see docs/tasks.md): ``addition``, ``sorting``, ``reverse``."""
     difficulty: dict[str, int] = field(default_factory=dict)
-    """Per-task difficulty knobs, e.g. ``{max_digits: 3}``; unknown knobs are an error."""
+    """Per-task difficulty knobs, e.g. ``{max_digits: 3}`` or scoped to one task
+    ``{addition.max_digits: 3}``; unknown knobs are an error (docs/tasks.md lists them)."""
     prompts_file: str | None = None
     """Optional JSONL of prompts (one ``Prompt`` record a line) used instead of generated ones."""
     num_train: int = 2000
@@ -228,6 +229,24 @@ class ResourcesConfig:
     """GPUs per teacher actor."""
     gpus_per_learner_rank: float = 0.0
     """GPUs per learner rank."""
+    learner_resource: str | None = None
+    """Custom Ray resource a node must advertise to host learner ranks (pins the role to nodes)."""
+    rollout_resource: str | None = None
+    """Custom Ray resource a node must advertise to host rollout workers."""
+    teacher_resource: str | None = None
+    """Custom Ray resource a node must advertise to host teacher workers."""
+    placement: Literal["pack", "spread"] = "pack"
+    """Placement-group strategy: pack roles onto few nodes (colocated) or spread them."""
+    placement_timeout_s: float = 60.0
+    """Fail, naming the missing resources, if the actors cannot be placed within this time."""
+    start_timeout_s: float = 600.0
+    """Fail if the actors (engines, learner rendezvous) are not constructed within this time."""
+    call_timeout_s: float = 600.0
+    """Upper bound of any single remote call the driver waits on (a learner step, a sample)."""
+    max_actor_restarts: int = 3
+    """Ray restarts of a dead rollout or teacher actor before the run fails."""
+    max_inflight_batches: int = 2
+    """Batches a rollout worker may have waiting at the teachers (async mode back-pressure)."""
 
 
 @section
@@ -238,9 +257,10 @@ class RunConfig:
     """Parent directory of run directories (a shared path on clusters)."""
     seed: int = 0
     """Seed of prompts, sampling and initialisation."""
-    mode: Literal["inprocess"] = "inprocess"
-    """How the loop runs: ``inprocess`` (one process, no Ray; the reference algorithm). The Ray
-    modes (``async``, ``sync``) join this list when correction_rl.distributed lands."""
+    mode: Literal["async", "sync", "inprocess"] = "async"
+    """``async``: Ray actors, generation, correction and learning concurrently; ``sync``: Ray
+    actors in lockstep (generate -> correct -> train); ``inprocess``: one process, no Ray (the
+    reference algorithm, tests, debugging)."""
     total_steps: int = 50
     """Learner steps to run."""
     model: ModelConfig = field(default_factory=ModelConfig)

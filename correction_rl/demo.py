@@ -20,7 +20,7 @@ def cli(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
 
     from correction_rl.config import load_config
-    from correction_rl.loop import run
+    from correction_rl.train import run_training
     from correction_rl.warmstart import WarmStartConfig, warm_start
 
     cfg = load_config(args.config, overrides)
@@ -30,7 +30,7 @@ def cli(argv: list[str]) -> int:
         result = warm_start(WarmStartConfig(task=cfg.task.names[0], seed=cfg.seed), policy)
         print(f"warm start: held-out accuracy {result.accuracy:.1%} after {result.steps} steps "
               f"({result.seconds:.0f} s)")
-    result = run(cfg)
+    result = run_training(cfg)
     print(result.comparison_table())
     print(f"run directory: {result.run_dir}")
     return 0

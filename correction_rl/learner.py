@@ -15,7 +15,6 @@ non-finite is skipped entirely (docs/learner.md).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -27,6 +26,7 @@ import torch
 from correction_rl.collate import collate_pairs
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
 from correction_rl.objectives import correction_loss, needs_reference
+from correction_rl.reference import ReferenceScorer
 from correction_rl.shared_prefix import score_pairs
 from correction_rl.types import CorrectionPair, StepStats, TrainBatch
 
@@ -226,7 +226,11 @@ class Learner:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         # pi_ref is the starting policy: frozen, never synced, used once per pair at ingestion.
-        self.reference = self._frozen_copy(model) if needs_reference(objective_cfg) else None
+        self.reference = (
+            ReferenceScorer(model, pad_id, objective_cfg, model_cfg, learner_cfg.micro_batch_pairs)
+            if needs_reference(objective_cfg)
+            else None
+        )
         model.train()
         if learner_cfg.backend == "deepspeed":
             self.backend = _DeepSpeedBackend(model, learner_cfg, total_steps, self.dtype)
@@ -235,13 +239,6 @@ class Learner:
         self.version = 0
         self.counters = LearnerCounters()
 
-    @staticmethod
-    def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
-
     @property
     def model(self) -> torch.nn.Module:
         """The underlying HF model (DeepSpeed's ``engine.module`` when wrapped)."""
@@ -249,26 +246,8 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------
     def attach_reference(self, pairs: Sequence[CorrectionPair]) -> list[CorrectionPair]:
-        """Fill ``ref_logps`` once per pair, so no learner step ever recomputes them."""
-        if self.reference is None:
-            return list(pairs)
-        out: list[CorrectionPair] = []
-        todo = [p for p in pairs if p.ref_logps is None]
-        done = {p.pair_id: p for p in pairs if p.ref_logps is not None}
-        step = max(1, self.cfg.micro_batch_pairs)
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            batch, _ = self._collate(chunk, count_drops=False)
-            if batch is None:
-                continue
-            with torch.no_grad():
-                scores = score_pairs(self.reference, batch, self.objective)
-            for pid, c, r in zip(batch.pair_ids, scores.chosen_logps, scores.rejected_logps):
-                done[pid] = next(p for p in chunk if p.pair_id == pid).with_ref_logps(c, r)
-        for p in pairs:
-            if p.pair_id in done:
-                out.append(done[p.pair_id])
-        return out
+        """Fill ``ref_logps`` once per pair (no-op for reference-free forms)."""
+        return self.reference.attach(pairs) if self.reference is not None else list(pairs)
 
     def _collate(self, pairs: Sequence[CorrectionPair], count_drops: bool = True):
         batch, dropped = collate_pairs(

@@ -13,6 +13,7 @@ distributed driver (correction_rl.distributed) parallelises without changing the
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,19 +21,27 @@ from pathlib import Path
 from typing import Any
 
 from correction_rl.buffer import ReplayBuffer
-from correction_rl.config import RunConfig, dump_config, to_dict
+from correction_rl.components import (
+    buffer_config,
+    build_generator,
+    build_sink,
+    build_teacher,
+    eval_modes,
+    load_prompts,
+    rollout_sampling,
+)
+from correction_rl.config import RunConfig, dump_config
 from correction_rl.correction_log import CorrectionLog
 from correction_rl.evaluation import EvalReport, evaluate
 from correction_rl.learner import Learner
-from correction_rl.metrics import ConsoleSink, JsonlSink, MetricSink, MultiSink, WandbSink
+from correction_rl.metrics import MetricSink
 from correction_rl.models import load_model, load_tokenizer
 from correction_rl.pairs import make_pairs
 from correction_rl.prompt_stream import PromptStream
 from correction_rl.rollout.base import Generator
 from correction_rl.sync import InProcessSync, SyncReport, flatten_to_buckets
-from correction_rl.tasks.registry import make_prompts
 from correction_rl.teachers.base import Teacher
-from correction_rl.types import Prompt, Sampling
+from correction_rl.types import Prompt
 
 
 @dataclass
@@ -50,6 +59,8 @@ class System:
     sink: MetricSink
     train_prompts: PromptStream
     eval_prompts: list[Prompt]
+    init_model: Any
+    """The starting policy, frozen: the KL(pi || pi_init) estimate of evaluation scores against it."""
     rng: random.Random
     counters: dict[str, float] = field(default_factory=dict)
 
@@ -64,56 +75,22 @@ class RunResult:
     before: EvalReport
     after: EvalReport
 
+    COLUMNS = ("accuracy", "correction_rate", "mean_edit_distance", "mean_normalized_edit_distance", "kl")
+
+    def comparison_table(self) -> str:
+        """Held-out correction metrics before and after training, one row per decoding mode."""
+        head = f"{'held-out':<16}" + "".join(f"{c:>15}" for c in ("accuracy", "corr. rate", "edit dist", "norm. edit", "KL"))
+        lines = [head]
+        for mode in self.after.modes:
+            for label, report in ((f"{mode} before", self.before), (f"{mode} after", self.after)):
+                metrics = report.modes.get(mode)
+                cells = [getattr(metrics, c, None) if metrics else None for c in self.COLUMNS]
+                lines.append(f"{label:<16}" + "".join(f"{v:>15.3f}" if v is not None else f"{'-':>15}" for v in cells))
+        return "\n".join(lines)
+
 
 # ---------------------------------------------------------------------------------------------
 # Building
-
-
-def load_prompts(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts: from the configured tasks, or a JSONL file for training."""
-    task = cfg.task
-    held_out = make_prompts(task.names, task.difficulty, task.num_eval, "eval", cfg.seed)
-    if task.prompts_file:
-        from correction_rl.data import load_prompts_jsonl
-
-        return load_prompts_jsonl(task.prompts_file), held_out
-    return make_prompts(task.names, task.difficulty, task.num_train, "train", cfg.seed), held_out
-
-
-def build_generator(cfg: RunConfig) -> Generator:
-    if cfg.rollout.engine == "vllm":
-        from correction_rl.rollout.vllm import VLLMGenerator
-
-        return VLLMGenerator(
-            cfg.model.path,
-            seed=cfg.seed,
-            max_model_len=cfg.model.max_seq_len,
-            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-        )
-    from correction_rl.rollout.hf import HFGenerator
-
-    return HFGenerator(cfg.model.path)
-
-
-def build_teacher(cfg: RunConfig) -> Teacher:
-    if cfg.teacher.kind == "oracle":
-        from correction_rl.teachers.oracle import OracleTeacher
-
-        return OracleTeacher(difficulty=cfg.task.difficulty)
-    raise NotImplementedError(
-        f"teacher.kind={cfg.teacher.kind!r} comes with the LLM-teachers issue; use 'oracle'"
-    )
-
-
-def build_sink(cfg: RunConfig, run_dir: Path) -> MetricSink:
-    sinks: list[MetricSink] = [
-        ConsoleSink(every=cfg.metrics.console_every_steps),
-        JsonlSink(run_dir / "metrics.jsonl"),
-    ]
-    if cfg.metrics.wandb_mode != "disabled":
-        sinks.append(WandbSink(cfg.metrics, run_dir, to_dict(cfg)))
-    return MultiSink(sinks)
 
 
 def build_system(cfg: RunConfig) -> System:
@@ -139,22 +116,18 @@ def build_system(cfg: RunConfig) -> System:
         generator=generator,
         teacher=build_teacher(cfg),
         learner=learner,
-        buffer=ReplayBuffer(cfg.buffer, log),
+        buffer=ReplayBuffer(buffer_config(cfg), log),
         sync=InProcessSync([generator], timeout_s=cfg.sync.timeout_s),
         sink=build_sink(cfg, run_dir),
         train_prompts=PromptStream(train, cfg.seed),
-        eval_prompts=held_out[: cfg.eval.num_prompts * len(cfg.task.names)],
+        eval_prompts=held_out,
+        init_model=load_model(cfg.model.path).eval(),
         rng=random.Random(cfg.seed),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # The phases
-
-
-def rollout_sampling(cfg: RunConfig, seed: int) -> Sampling:
-    r = cfg.rollout
-    return Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=seed)
 
 
 def act_correct_store(system: System) -> dict[str, float]:
@@ -211,16 +184,24 @@ def sync_weights(system: System) -> SyncReport:
     return system.sync.publish(update)
 
 
-def held_out_eval(system: System, init_generator: Generator | None = None) -> EvalReport:
+def held_out_eval(system: System) -> EvalReport:
+    """Greedy (and sampled) held-out metrics of the generator's current weights, with the KL
+    estimate against the starting policy."""
     cfg = system.cfg
     return evaluate(
         system.generator,
         system.eval_prompts,
         system.teacher,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        sampled_temperature=cfg.rollout.temperature if cfg.eval.sampled else None,
-        seed=cfg.seed,
+        rollout_sampling(cfg, seed=cfg.seed),
+        policy_model=system.learner.model,
+        init_model=system.init_model,
+        tokenizer=system.tokenizer,
+        modes=eval_modes(cfg),
     )
+
+
+def save_report(report: EvalReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -228,21 +209,21 @@ def run(cfg: RunConfig) -> RunResult:
     system = build_system(cfg)
     try:
         before = held_out_eval(system)
-        before.save(system.run_dir / "eval_before.json")
-        system.sink.log(before.metrics("eval/"), step=0)
+        save_report(before, system.run_dir / "eval_before.json")
+        system.sink.log(before.as_metrics(), step=0)
         while system.learner.version < cfg.total_steps:
             metrics = learn(system)
             step = system.learner.version
             if step % cfg.sync.every_steps == 0 or step == cfg.total_steps:
                 metrics.update(sync_weights(system).as_metrics())
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.total_steps:
-                metrics.update(held_out_eval(system).metrics("eval/"))
+                metrics.update(held_out_eval(system).as_metrics())
             metrics.update(system.buffer.stats().as_metrics())
             metrics.update(system.counters)
             system.sink.log(metrics, step=step)
         after = held_out_eval(system)
-        after.save(system.run_dir / "eval_after.json")
-        system.sink.log(after.metrics("eval/"), step=system.learner.version)
+        save_report(after, system.run_dir / "eval_after.json")
+        system.sink.log(after.as_metrics(), step=system.learner.version)
         system.learner.save_pretrained(system.run_dir / "policy")
         return RunResult(system.run_dir, system.learner.version, before, after)
     finally:

@@ -35,7 +35,7 @@ STEP_KEY = "step"
 NAMESPACES = ("train", "eval", "rollout", "teacher", "buffer", "sync", "system")
 
 DEFAULT_CONSOLE_KEYS = (
-    "train/loss", "train/margin", "eval/correction_rate", "rollout/tokens_per_s",
+    "train/loss", "train/margin", "eval/greedy/correction_rate", "rollout/tokens_per_s",
     "teacher/pairs_per_s", "buffer/size", "buffer/last_batch_staleness_mean", "sync/seconds",
 )
 
@@ -148,9 +148,7 @@ class WandbSink:
 
     def __init__(self, cfg: MetricsConfig, run_dir: str | Path, config_dict: dict[str, Any],
                  resume_id: str | None = None, name: str | None = None):
-        os.environ.setdefault("WANDB_SILENT", "true")
-        if cfg.wandb_mode != "online":
-            os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+        os.environ.setdefault("WANDB_SILENT", "true")  # before import: the service start is quiet too
         import wandb  # lazy: the only import of wandb in the package
 
         self.run_dir = Path(run_dir)
@@ -275,6 +273,18 @@ def _item_key(item: Any) -> str:
     return ".".join(item.nested_key) if item.nested_key else item.key
 
 
+def _put(target: dict[str, Any], item: Any) -> None:
+    """Store one history/summary item; W&B splits dict values (a table's metadata) into items
+    with a nested key path, which are rebuilt as nested dicts here."""
+    keys = list(item.nested_key) or [item.key]
+    for key in keys[:-1]:
+        child = target.get(key)
+        if not isinstance(child, dict):
+            child = target[key] = {}
+        target = child
+    target[keys[-1]] = json.loads(item.value_json)
+
+
 def read_offline_runs(run_dir: str | Path) -> list[OfflineRun]:
     """Every offline run under ``run_dir`` (or ``run_dir/wandb``), one per run id; the files of
     a resumed run (one ``offline-run-*`` directory per session) are concatenated in order."""
@@ -292,7 +302,9 @@ def read_offline_runs(run_dir: str | Path) -> list[OfflineRun]:
             kind = record.WhichOneof("record_type")
             exited = exited or kind == "exit"
             if kind == "history":
-                row = {_item_key(i): json.loads(i.value_json) for i in record.history.item}
+                row: dict[str, Any] = {}
+                for item in record.history.item:
+                    _put(row, item)
                 run.history.append(row)
             elif kind == "run":
                 run.config.update({u.key: json.loads(u.value_json) for u in record.run.config.update
@@ -301,7 +313,8 @@ def read_offline_runs(run_dir: str | Path) -> list[OfflineRun]:
                 run.config.update({_item_key(u): json.loads(u.value_json) for u in record.config.update
                                    if _item_key(u) != "_wandb"})
             elif kind == "summary":
-                run.summary.update({_item_key(u): json.loads(u.value_json) for u in record.summary.update})
+                for item in record.summary.update:
+                    _put(run.summary, item)
             elif kind == "metric":
                 m = record.metric
                 run.metric_definitions.append(

@@ -156,6 +156,7 @@ def test_back_pressure_blocks_producers_until_the_learner_consumes():
     buf.sample(2, 0)
     t.join(5)
     assert woke.is_set() and buf.room() == 2
+    assert buf.stats().producer_wait_s >= 0.1 + 0.05  # both waits were counted
     # Teacher work is never refused: adding past max_pending still logs and admits (up to capacity).
     assert buf.add([pair(i) for i in range(10, 16)]).admitted == 6
     buf.close()
@@ -222,7 +223,8 @@ def test_state_round_trip_restores_exactly_and_keeps_post_checkpoint_work(tmp_pa
     state = json.loads(json.dumps(buf.state_dict()))  # checkpoints are JSON-able
     before = buf.stats()
     buf.add([pair(100, version=2), pair(101, version=2)])  # teacher work after the checkpoint
-    log.close()  # the process dies; a new one resumes from the checkpoint + log
+    buf.close()  # the run stops (closing the log); a new one resumes from checkpoint + log
+    assert log._fh.closed
 
     log2 = CorrectionLog(path)
     buf2 = ReplayBuffer(cfg(max_staleness=3, max_reuse=2), log2)

@@ -14,6 +14,7 @@ from correction_rl.correction_log import (
     CorrectionLog,
     CorrectionLogError,
     TruncatedLogWarning,
+    pair_record,
     read,
     scan,
 )
@@ -46,6 +47,11 @@ def test_append_then_read_back_identical_records(tmp_path):
     assert header["type"] == "header" and header["meta"] == {"run": "t", "teacher": "oracle"}
     assert [json.loads(x)["type"] for x in lines[1:]] == ["pair"] * 5
     assert scan(path).records == 5
+
+
+def test_fast_record_serializes_like_to_json():
+    for p in (pair(0), pair(1, version=4, noop=True)):
+        assert json.dumps(pair_record(p)) == json.dumps(p.to_json())
 
 
 def test_reopen_appends_and_dedupes_against_earlier_sessions(tmp_path):
@@ -120,6 +126,8 @@ def test_corrupted_middle_line_fails_with_file_and_line(tmp_path):
         list(read(path))
     with pytest.raises(CorrectionLogError, match=":3:"):
         CorrectionLog(path)
+    with pytest.raises(CorrectionLogError, match=":3:"):  # the failed open released its lock
+        CorrectionLog(path)
 
 
 def test_bad_pair_fields_and_blank_lines_are_named(tmp_path):
@@ -136,6 +144,30 @@ def test_bad_pair_fields_and_blank_lines_are_named(tmp_path):
     path.write_text("".join(lines[:2] + ["\n"] + lines[2:]))
     with pytest.raises(CorrectionLogError, match=":3: empty line inside the log"):
         list(read(path))
+
+
+def test_failed_write_leaves_no_half_record(tmp_path, monkeypatch):
+    import correction_rl.correction_log as mod
+
+    path = tmp_path / "log.jsonl"
+    log = CorrectionLog(path)
+    log.append([pair(0)])
+    real_write = mod.os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mod.os, "write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        log.append([pair(1), pair(2)])
+    monkeypatch.setattr(mod.os, "write", real_write)
+    assert pair(1).pair_id not in log  # not recorded as written: it will be retried
+    assert log.append([pair(1), pair(2)]) == [pair(1), pair(2)]
+    log.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [p.pair_id for p in read(path)] == [pair(i).pair_id for i in range(3)]
 
 
 def test_foreign_file_is_refused(tmp_path):

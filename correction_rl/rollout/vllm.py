@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,6 +57,12 @@ def _describe(update: WeightUpdate, paths: Sequence[str | None]) -> dict[str, An
             for path, b in zip(paths, update.buckets)
         ],
     }
+
+
+def _unlink_all(paths: set[str]) -> None:
+    for path in list(paths):
+        Path(path).unlink(missing_ok=True)
+        paths.discard(path)
 
 
 class VLLMGenerator:
@@ -94,6 +101,11 @@ class VLLMGenerator:
         self.num_workers = tensor_parallel_size
         self.shm_dir = shm_dir if os.path.isdir(shm_dir) else None
         self.policy_version = policy_version
+        self._arena: list[tuple[str, torch.Tensor]] = []  # shared-memory bucket slots
+        self._arena_paths: set[str] = set()
+        self.last_sync_seconds: dict[str, float] = {}
+        """Where the last ``load_weights`` spent its time (shared-memory write, worker reload)."""
+        weakref.finalize(self, _unlink_all, self._arena_paths)
         self.llm = LLM(
             model=self.model_path,
             tokenizer=self.model_path,
@@ -161,14 +173,15 @@ class VLLMGenerator:
         every worker reload from them, then drop the prefix cache (its KV entries were
         computed by the old weights) and adopt ``update.version``."""
         check_version(self.policy_version, update.version, "VLLMGenerator")
+        start = time.perf_counter()
         paths = self._write_shm(update)
-        try:
-            desc = _describe(update, paths)
-            loaded = self._rpc("crl_load_shm", desc, update.version)
-        finally:
-            for path in paths:
-                Path(path).unlink(missing_ok=True)
+        written = time.perf_counter()
+        loaded = self._rpc("crl_load_shm", _describe(update, paths), update.version)
         self._finish_update(update, loaded)
+        self.last_sync_seconds = {
+            "shm_write_s": written - start,
+            "reload_rpc_s": time.perf_counter() - written,
+        }
 
     def receive_nccl(self, update: WeightUpdate | dict[str, Any]) -> None:
         """Engine side of the NCCL transport: the workers receive the buckets by broadcast
@@ -181,22 +194,36 @@ class VLLMGenerator:
         self.policy_version = desc["version"]
 
     def _write_shm(self, update: WeightUpdate) -> list[str]:
+        """Copy the buckets into this engine's shared-memory arena and return the file paths.
+
+        The arena persists across syncs (one file per bucket slot, reused while its size and
+        dtype match), so a steady-state sync costs one ``copy_`` per bucket into already
+        mapped pages instead of creating, faulting in and unlinking fresh files. Files are
+        removed by ``close()`` or, failing that, when the generator is garbage collected or the
+        interpreter exits (``weakref.finalize``)."""
         directory = self.shm_dir or os.path.join(os.path.dirname(self.model_path), ".crl_shm")
         os.makedirs(directory, exist_ok=True)
-        tag = f"crl-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{update.version}"
         paths: list[str] = []
-        try:
-            for i, bucket in enumerate(update.buckets):
-                path = os.path.join(directory, f"{tag}-b{i}.bin")
-                paths.append(path)
+        for i, bucket in enumerate(update.buckets):
+            slot = self._arena[i] if i < len(self._arena) else None
+            if slot is None or slot[1].numel() != bucket.numel() or slot[1].dtype != bucket.dtype:
+                if slot is not None:
+                    Path(slot[0]).unlink(missing_ok=True)
+                path = os.path.join(directory, f"crl-{os.getpid()}-{uuid.uuid4().hex[:12]}-b{i}.bin")
+                self._arena_paths.add(path)
                 mapped = torch.from_file(path, shared=True, size=bucket.numel(), dtype=bucket.dtype)
-                mapped.copy_(bucket)
-                del mapped
-        except BaseException:
-            for path in paths:
-                Path(path).unlink(missing_ok=True)
-            raise
+                slot = (path, mapped)
+                if i < len(self._arena):
+                    self._arena[i] = slot
+                else:
+                    self._arena.append(slot)
+            slot[1].copy_(bucket)
+            paths.append(slot[0])
         return paths
+
+    def _release_arena(self) -> None:
+        self._arena.clear()
+        _unlink_all(self._arena_paths)
 
     def _rpc(self, method: str, desc: dict[str, Any], version: int) -> list[int]:
         stage = f"vLLM workers {method}"
@@ -228,12 +255,15 @@ class VLLMGenerator:
 
     def close(self) -> None:
         """Shut the engine core and its workers down and free their memory."""
+        self._release_arena()
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         self.llm = None
         try:
-            llm.llm_engine.engine_core.shutdown()
+            # a generous limit lets the engine core exit on its own (the default kills it
+            # after ~5 s on a loaded 2-core machine, right after its workers exited cleanly)
+            llm.llm_engine.engine_core.shutdown(timeout=30)
         finally:
             del llm
             gc.collect()
@@ -309,13 +339,20 @@ class NCCLWeightBroadcaster:
 
     def publish(self, update: WeightUpdate) -> SyncReport:
         start = time.perf_counter()
+        for engine in self.engines:  # refuse before any rank enters a collective
+            check_version(engine.policy_version, update.version, "VLLMGenerator")
         desc = _describe(update, [None] * len(update.buckets))
         joins = [self._spawn(lambda e=e: e.receive_nccl(desc)) for e in self.engines]
-        stream = torch.cuda.current_stream()
-        for bucket in update.buckets:
-            self.comm.broadcast(bucket.cuda(non_blocking=True), src=0, stream=stream)
-        stream.synchronize()
-        self._join(joins, update.version, "NCCL broadcast + reload")
+
+        def broadcast() -> None:
+            stream = torch.cuda.current_stream()
+            for bucket in update.buckets:
+                self.comm.broadcast(bucket.cuda(non_blocking=True), src=0, stream=stream)
+            stream.synchronize()
+
+        # a dead peer blocks a NCCL collective forever: the watchdog turns that into SyncTimeout
+        run_with_timeout(broadcast, self.timeout_s, update.version, "NCCL broadcast")
+        self._join(joins, update.version, "vLLM workers receive + reload")
         return SyncReport(
             version=update.version,
             seconds=time.perf_counter() - start,

@@ -48,10 +48,16 @@ class CorrectionRLWorkerExtension:
     def crl_load_shm(self, desc: dict[str, Any]) -> int:
         """Map the shared-memory buckets named in ``desc`` and reload the model from them.
         Returns the number of parameters loaded (the caller checks it against the layout)."""
-        buckets = [
-            torch.from_file(path, shared=True, size=int(numel), dtype=getattr(torch, dtype))
-            for path, numel, dtype in desc["buckets"]
-        ]
+        # Mappings are cached by path: the sender reuses its files across syncs (a new file
+        # always gets a new name), so steady-state syncs re-map nothing.
+        cache: dict[str, torch.Tensor] = getattr(self, "_crl_maps", {})
+        buckets = []
+        for path, numel, dtype in desc["buckets"]:
+            mapped = cache.get(path)
+            if mapped is None:
+                mapped = torch.from_file(path, shared=True, size=int(numel), dtype=getattr(torch, dtype))
+            buckets.append(mapped)
+        self._crl_maps = {p: b for (p, _, _), b in zip(desc["buckets"], buckets)}
         return self._crl_reload(desc["layout"], buckets)
 
     def _crl_reload(self, layout: list, buckets: list[torch.Tensor]) -> int:

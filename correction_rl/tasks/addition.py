@@ -15,8 +15,8 @@ from typing import Iterable
 from correction_rl.tasks.base import Task, TaskError
 from correction_rl.types import Prompt
 
-_PROMPT = re.compile(r"^([0-9]+)\+([0-9]+)=$")
-_DIGITS = re.compile(r"^[0-9]+$")
+_PROMPT = re.compile(r"([0-9]+)\+([0-9]+)=")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,13 @@ class AdditionTask(Task):
         return rng.randint(low, 10**digits - 1)
 
     def solve(self, text: str) -> str:
-        match = _PROMPT.match(text)
+        match = _PROMPT.fullmatch(text)
         if not match:
             raise TaskError(f"not an addition prompt (want '<a>+<b>='): {text!r}")
         return str(int(match.group(1)) + int(match.group(2)))
 
     def check(self, prompt: Prompt, response: str) -> bool:
-        return bool(_DIGITS.match(response)) and int(response) == int(self.canonical(prompt))
+        return bool(_DIGITS.fullmatch(response)) and int(response) == int(self.canonical(prompt))
 
     def correct_answers_near(self, prompt: Prompt, response: str) -> Iterable[str]:
         canonical = str(int(self.canonical(prompt)))

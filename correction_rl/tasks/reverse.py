@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from correction_rl.tasks.base import Task, TaskError
 
-_PROMPT = re.compile(r"^rev:([a-z]+)=$")
+_PROMPT = re.compile(r"rev:([a-z]+)=")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ReverseTask(Task):
         return "rev:" + "".join(rng.choice(letters) for _ in range(n)) + "="
 
     def solve(self, text: str) -> str:
-        match = _PROMPT.match(text)
+        match = _PROMPT.fullmatch(text)
         if not match:
             raise TaskError(f"not a reversal prompt (want 'rev:<lower-case word>='): {text!r}")
         return match.group(1)[::-1]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from correction_rl.tasks.base import Task, TaskError
 
-_PROMPT = re.compile(r"^sort:([0-9]+(?:,[0-9]+)*)=$")
+_PROMPT = re.compile(r"sort:([0-9]+(?:,[0-9]+)*)=")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class SortingTask(Task):
         return "sort:" + ",".join(map(str, numbers)) + "="
 
     def solve(self, text: str) -> str:
-        match = _PROMPT.match(text)
+        match = _PROMPT.fullmatch(text)
         if not match:
             raise TaskError(f"not a sorting prompt (want 'sort:<n>,<n>,...='): {text!r}")
         numbers = sorted(int(x) for x in match.group(1).split(","))

@@ -1,0 +1,106 @@
+"""Weight sync seconds vs a raw memory copy of the same bytes, into the HF and the vLLM engine.
+
+Prints one JSON line per (model size, engine) with ``ratio`` = median sync seconds / median
+``copy_`` seconds of the same bytes into preallocated tensors, measured in the same run
+(target <= 1.5 on CPU), the export (bucketing) seconds apart, GB/s, and the messages per sync
+(buckets + 1 metadata message: must not grow with the parameter count). Every sync carries a
+new version, as in training. Usage:
+``python benchmarks/bench_weight_sync.py [--sizes tiny small] [--repeats N] [--no-vllm]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# vLLM logs to stdout by default; keep stdout for the JSON lines
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+from correction_rl.models import count_parameters, load_model, make_model
+from correction_rl.rollout.hf import HFGenerator
+from correction_rl.sync import InProcessSync, flatten_to_buckets
+
+
+def raw_copy_seconds(update, dst: list[torch.Tensor]) -> float:
+    """Seconds of copying the buckets' bytes into preallocated, already-touched tensors."""
+    start = time.perf_counter()
+    for d, b in zip(dst, update.buckets):
+        d.copy_(b)
+    return time.perf_counter() - start
+
+
+def bench_size(size: str, repeats: int, bucket_mb: int, with_vllm: bool, root: Path) -> None:
+    path = make_model(root / size, size, seed=0)
+    learner = load_model(path)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(1e-3)
+    export_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        update = flatten_to_buckets(learner.named_parameters(), 1, bucket_mb * 2**20)
+        export_times.append(time.perf_counter() - start)
+    dst = [torch.empty_like(b).copy_(b) for b in update.buckets]  # pages touched once
+
+    engines = [("hf", HFGenerator(path))]
+    if with_vllm:
+        from correction_rl.rollout.vllm import VLLMGenerator
+
+        engines.append(("vllm", VLLMGenerator(path, max_model_len=256, kv_cache_gb=1)))
+    try:
+        for name, engine in engines:
+            sync = InProcessSync([engine], timeout_s=600)
+            reports, breakdown, copies = [], [], []
+            for version in range(1, repeats + 2):  # interleaved: machine noise hits both alike
+                update.version = version
+                copies.append(raw_copy_seconds(update, dst))
+                reports.append(sync.publish(update))
+                breakdown.append(dict(getattr(engine, "last_sync_seconds", {})))
+            reports, breakdown = reports[1:], breakdown[1:]  # the first sync maps the pages
+            sync_s = statistics.median(r.seconds for r in reports)
+            copy_s = statistics.median(copies[1:])
+            stages = {k: round(statistics.median(b[k] for b in breakdown), 5) for k in breakdown[0]}
+            print(json.dumps({
+                "bench": "weight_sync", "engine": name, "size": size,
+                "params": count_parameters(learner), "bytes": update.num_bytes,
+                "bucket_mb": bucket_mb, "num_messages": reports[0].num_messages,
+                "num_tensors": len(update.layout),
+                "sync_s": round(sync_s, 5), "raw_copy_s": round(copy_s, 5),
+                "ratio": round(sync_s / copy_s, 2), "target": 1.5,
+                "gb_per_s": round(update.num_bytes / sync_s / 1e9, 3),
+                "export_s": round(statistics.median(export_times), 5),
+                "repeats": repeats, "threads": torch.get_num_threads(), **stages,
+            }), flush=True)
+    finally:
+        for _, engine in engines:
+            engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=["tiny", "small"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bucket-mb", type=int, default=64)
+    parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of this (learner-side) process. 1 by default: on a shared 2-core "
+        "machine every multi-threaded op waits for a descheduled OpenMP thread (~15 ms each), "
+        "which swamps the copies being measured",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            bench_size(size, args.repeats, args.bucket_mb, not args.no_vllm, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Builds each component from the config: the one place that maps a config ``kind`` to a class.
+
+Both drivers use it — the in-process loop (``loop.py``) and the Ray actors
+(``correction_rl.distributed``) — so a run configured one way gets the same components in
+either mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from correction_rl.config import BufferConfig, RunConfig, to_dict
+from correction_rl.metrics import ConsoleSink, JsonlSink, MetricSink, MultiSink, WandbSink
+from correction_rl.rollout.base import Generator
+from correction_rl.tasks.registry import make_prompts
+from correction_rl.teachers.base import Teacher
+from correction_rl.types import Prompt, Sampling
+
+
+def load_prompts(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts: from the configured tasks, or a JSONL file for training.
+
+    Held-out prompts always come from the tasks' disjoint ``eval`` split, ``eval.num_prompts``
+    per task.
+    """
+    task = cfg.task
+    per_task = min(task.num_eval, cfg.eval.num_prompts)
+    held_out = make_prompts(task.names, task.difficulty, per_task, "eval", cfg.seed)
+    if task.prompts_file:
+        from correction_rl.data import load_prompts as read_jsonl
+
+        return read_jsonl(task.prompts_file), held_out
+    return make_prompts(task.names, task.difficulty, task.num_train, "train", cfg.seed), held_out
+
+
+def buffer_config(cfg: RunConfig) -> BufferConfig:
+    """The buffer's config, with no-op pairs kept out of memory when the learner would drop them
+    anyway (they are still written to the durable log and counted)."""
+    if cfg.objective.noop_policy == "drop" and cfg.buffer.admit_noops:
+        return dataclasses.replace(cfg.buffer, admit_noops=False)
+    return cfg.buffer
+
+
+def build_generator(cfg: RunConfig, seed_offset: int = 0) -> Generator:
+    if cfg.rollout.engine == "vllm":
+        from correction_rl.rollout.vllm import VLLMGenerator
+
+        return VLLMGenerator(
+            cfg.model.path,
+            seed=cfg.seed + seed_offset,
+            max_model_len=cfg.model.max_seq_len,
+            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+        )
+    from correction_rl.rollout.hf import HFGenerator
+
+    return HFGenerator(cfg.model.path)
+
+
+def build_teacher(cfg: RunConfig) -> Teacher:
+    if cfg.teacher.kind == "oracle":
+        from correction_rl.teachers.oracle import OracleTeacher
+
+        return OracleTeacher()
+    raise ValueError(
+        f"teacher.kind={cfg.teacher.kind!r} is not available yet (LLM and HTTP teachers are "
+        "tracked in the LLM-teachers issue); use 'oracle'"
+    )
+
+
+def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | None = None) -> MetricSink:
+    sinks: list[MetricSink] = [
+        ConsoleSink(every=cfg.metrics.console_every_steps),
+        JsonlSink(run_dir / "metrics.jsonl"),
+    ]
+    if cfg.metrics.wandb_mode != "disabled":
+        sinks.append(WandbSink(cfg.metrics, run_dir, {**to_dict(cfg), **(extra_config or {})}))
+    return MultiSink(sinks)
+
+
+def eval_modes(cfg: RunConfig) -> tuple[str, ...]:
+    return ("greedy", "sampled") if cfg.eval.sampled else ("greedy",)
+
+
+def rollout_sampling(cfg: RunConfig, seed: int) -> Sampling:
+    r = cfg.rollout
+    return Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, seed=seed)

@@ -1,0 +1,294 @@
+"""The actor classes: thin shells around the plain components, made remote in ``cluster.py``.
+
+Each shell owns one component and adds only what being an actor needs: a lock where a method may
+run concurrently with another (threaded actors), the long-running producer loop of async mode,
+busy-time accounting for the idle fraction of each role, and the process id (fault tests).
+
+Data never goes through the driver in async mode: rollout workers hand batches of rollouts to
+teacher workers, which push pairs straight into the buffer actor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Sequence
+
+import ray
+
+from correction_rl.buffer import ReplayBuffer
+from correction_rl.components import buffer_config, build_generator, build_teacher, rollout_sampling
+from correction_rl.config import RunConfig
+from correction_rl.correction_log import CorrectionLog
+from correction_rl.prompt_stream import PromptStream
+from correction_rl.types import CorrectionPair, Prompt, Rollout, StepStats, WeightUpdate
+
+
+class BusyClock:
+    """Fraction of wall time a role spent working (``1 - idle fraction``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.busy = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.busy += seconds
+
+    def idle_fraction(self) -> float:
+        wall = time.perf_counter() - self.started
+        return max(0.0, 1.0 - self.busy / wall) if wall > 0 else 0.0
+
+
+class RolloutWorker:
+    """Holds one generation engine and its own shard of the prompt stream."""
+
+    def __init__(self, cfg: RunConfig, worker_id: int, prompts: Sequence[Prompt]):
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.generator = build_generator(cfg, seed_offset=worker_id)
+        self.stream = PromptStream(prompts, seed=cfg.seed * 1000 + worker_id)
+        self.lock = threading.Lock()  # generation and weight loading never overlap
+        self.stop_event = threading.Event()
+        self.clock = BusyClock()
+        self.calls = 0
+        self.tokens = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def policy_version(self) -> int:
+        return self.generator.policy_version
+
+    def generate(self) -> list[Rollout]:
+        """One batch of rollouts from the next prompts of this worker's stream."""
+        with self.lock:
+            start = time.perf_counter()
+            prompts = self.stream.next_batch(self.cfg.rollout.batch_size)
+            seed = (self.cfg.seed * 1_000_003 + self.worker_id * 7919 + self.calls) % 2**31
+            rollouts = self.generator.generate(prompts, rollout_sampling(self.cfg, seed))
+            self.clock.add(time.perf_counter() - start)
+            self.calls += 1
+            self.tokens += sum(len(r.response_ids) for r in rollouts)
+            return rollouts
+
+    def produce(self, teachers: list, buffer, max_inflight: int, call_timeout_s: float) -> int:
+        """Async mode: generate until stopped, round-robin batches to teachers.
+
+        Back-pressure: before each batch the worker waits (in short slices, so ``stop`` is
+        honoured) until the buffer has room for more unconsumed pairs, and it never has more than
+        ``max_inflight`` batches waiting at the teachers.
+        """
+        inflight: list = []
+        batches = 0
+        while not self.stop_event.is_set():
+            if not ray.get(buffer.wait_for_room.remote(0.5), timeout=call_timeout_s):
+                continue
+            rollouts = self.generate()
+            teacher = teachers[batches % len(teachers)]
+            inflight.append(teacher.correct_and_store.remote(rollouts, buffer))
+            batches += 1
+            while len(inflight) >= max_inflight and not self.stop_event.is_set():
+                done, inflight = ray.wait(inflight, num_returns=1, timeout=0.5)
+                ray.get(done, timeout=call_timeout_s)  # surface teacher errors here
+        ray.get(inflight, timeout=call_timeout_s)
+        return batches
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def load_weights(self, update: WeightUpdate) -> int:
+        from correction_rl.distributed.weights import from_transport
+
+        with self.lock:
+            start = time.perf_counter()
+            self.generator.load_weights(from_transport(update))
+            self.clock.add(time.perf_counter() - start)
+            return self.generator.policy_version
+
+    def greedy(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
+        from correction_rl.types import Sampling
+
+        with self.lock:
+            out = self.generator.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
+        return [r.response_text for r in out]
+
+    def evaluate(self, prompts: Sequence[Prompt]):
+        """Held-out evaluation with this worker's engine (production pauses meanwhile)."""
+        from correction_rl.evaluation import evaluate
+
+        teacher = build_teacher(self.cfg)
+        with self.lock:
+            return evaluate(
+                self.generator,
+                prompts,
+                teacher,
+                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                sampled_temperature=self.cfg.rollout.temperature if self.cfg.eval.sampled else None,
+                seed=self.cfg.seed,
+            )
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            f"rollout/worker{self.worker_id}/idle_fraction": self.clock.idle_fraction(),
+            f"rollout/worker{self.worker_id}/tokens": float(self.tokens),
+            f"rollout/worker{self.worker_id}/version": float(self.generator.policy_version),
+        }
+
+    def close(self) -> None:
+        close = getattr(self.generator, "close", None)
+        if close:
+            close()
+
+
+class TeacherWorker:
+    """Holds one teacher; turns rollouts into pairs (with reference log-probs when needed)."""
+
+    def __init__(self, cfg: RunConfig, worker_id: int):
+        from correction_rl.models import load_model, load_tokenizer
+        from correction_rl.objectives import needs_reference
+
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.teacher = build_teacher(cfg)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.reference = None
+        if needs_reference(cfg.objective):
+            from correction_rl.reference import ReferenceScorer
+
+            self.reference = ReferenceScorer(
+                load_model(cfg.model.path), self.tokenizer.pad_token_id, cfg.objective, cfg.model
+            )
+        self.clock = BusyClock()
+        self.skipped: dict[str, int] = {}
+        self.pairs = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def correct(self, rollouts: Sequence[Rollout]) -> list[CorrectionPair]:
+        from correction_rl.pairs import make_pairs
+
+        start = time.perf_counter()
+        corrections = self.teacher.correct(rollouts)
+        pairs, skipped = make_pairs(corrections, self.tokenizer, self.tokenizer.eos_token_id)
+        if self.reference is not None:
+            pairs = self.reference.attach(pairs)
+        for reason, n in skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        self.pairs += len(pairs)
+        self.clock.add(time.perf_counter() - start)
+        return pairs
+
+    def correct_and_store(self, rollouts: Sequence[Rollout], buffer) -> int:
+        """Async mode: correct, then push straight into the buffer actor (no driver hop)."""
+        pairs = self.correct(rollouts)
+        ray.get(buffer.add.remote(pairs), timeout=self.cfg.resources.call_timeout_s)
+        return len(pairs)
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            f"teacher/worker{self.worker_id}/idle_fraction": self.clock.idle_fraction(),
+            f"teacher/worker{self.worker_id}/pairs": float(self.pairs),
+        }
+        out.update({f"teacher/skipped/{k}": float(v) for k, v in self.skipped.items()})
+        return out
+
+
+class BufferActor:
+    """The replay buffer and its durable correction log, in one actor (threaded: producers may
+    block in ``wait_for_room`` while the learner samples)."""
+
+    def __init__(self, cfg: RunConfig, log_path: str):
+        self.buffer = ReplayBuffer(buffer_config(cfg), CorrectionLog(log_path, meta={"run": cfg.name}))
+
+    def add(self, pairs: list[CorrectionPair]) -> int:
+        return self.buffer.add(pairs).admitted
+
+    def wait_for_room(self, timeout: float) -> bool:
+        return self.buffer.wait_for_room(timeout)
+
+    def sample(self, n: int, learner_version: int, timeout: float) -> list[CorrectionPair] | None:
+        """Wait up to ``timeout`` for ``n`` admissible pairs, then sample them (None if not)."""
+        if not self.buffer.wait_until_ready(n, learner_version, timeout):
+            return None
+        return self.buffer.sample(n, learner_version)
+
+    def set_learner_version(self, version: int) -> int:
+        return self.buffer.set_learner_version(version)
+
+    def metrics(self) -> dict[str, float]:
+        return self.buffer.stats().as_metrics()
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+class LearnerRank:
+    """One data-parallel learner rank: a DeepSpeed engine in its own process.
+
+    The driver picks the rendezvous (rank 0's address and a free port) and passes it to every
+    rank, so torch.distributed (gloo on CPU, NCCL on GPU) connects the ranks directly.
+    """
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, master_addr: str, master_port: int):
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",  # Ray gives each rank its own device set, seen as device 0
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        from correction_rl.learner import Learner
+        from correction_rl.models import load_model, load_tokenizer
+
+        self.cfg = cfg
+        self.rank = rank
+        tokenizer = load_tokenizer(cfg.model.path)
+        self.learner = Learner(
+            load_model(cfg.model.path),
+            pad_id=tokenizer.pad_token_id,
+            learner_cfg=cfg.learner,
+            objective_cfg=cfg.objective,
+            model_cfg=cfg.model,
+            total_steps=cfg.total_steps,
+        )
+        self.clock = BusyClock()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train_step(self, pairs: list[CorrectionPair]) -> StepStats:
+        start = time.perf_counter()
+        stats = self.learner.train_step(pairs)
+        self.clock.add(time.perf_counter() - start)
+        return stats
+
+    def export(self) -> dict[str, Any] | None:
+        """Gather the full weights (a collective under ZeRO-3: every rank calls it); rank 0 puts
+        them into the object store once and returns the reference with the update's size."""
+        from correction_rl.distributed.weights import to_transport
+        from correction_rl.sync import flatten_to_buckets
+
+        named = self.learner.named_weights()
+        if self.rank != 0:
+            for _ in named:  # take part in the gathers
+                pass
+            return None
+        update = flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
+        return {
+            "ref": [ray.put(to_transport(update))],  # nested, so Ray passes the reference along
+            "version": update.version,
+            "num_bytes": update.num_bytes,
+            "num_buckets": len(update.buckets),
+        }
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def save_pretrained(self, path: str) -> None:
+        if self.rank == 0:
+            self.learner.save_pretrained(path)
+
+    def metrics(self) -> dict[str, Any]:
+        return {f"train/rank{self.rank}/idle_fraction": self.clock.idle_fraction()}

@@ -1,0 +1,54 @@
+"""The oracle teacher: a program that knows each task's answer returns the minimal correction.
+
+It is the first ``Teacher`` implementation and the reference the LLM and HTTP teachers are
+measured against: it never fails on a rollout of a known task, so corrections differ from the
+response exactly where the response is wrong (``Task.minimal_correction``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from correction_rl.tasks import Task, TaskError, get_task
+from correction_rl.types import Correction, Rollout
+
+
+class OracleTeacher:
+    """``correct(rollouts)`` with the task registry, by ``rollout.prompt.task``.
+
+    A rollout whose task is unknown (or whose prompt the task cannot parse and carries no
+    answer) is a configuration error, not a bad sample, so it raises ``TaskError`` naming the
+    prompt instead of being counted as a rejection. A response cut at the token limit
+    (``finish_reason == "length"``) is corrected like any other: the oracle deletes the excess.
+    """
+
+    def __init__(self, name: str = "oracle") -> None:
+        self.name = name
+        self._tasks: dict[str, Task] = {}
+
+    def _task(self, rollout: Rollout) -> Task:
+        name = rollout.prompt.task
+        if name not in self._tasks:
+            try:
+                self._tasks[name] = get_task(name)
+            except TaskError as exc:
+                raise TaskError(
+                    f"oracle teacher: prompt {rollout.prompt.prompt_id!r}: {exc}"
+                ) from None
+        return self._tasks[name]
+
+    def correct(self, rollouts: Sequence[Rollout]) -> list[Correction]:
+        out = []
+        for rollout in rollouts:
+            start = time.perf_counter()
+            fixed = self._task(rollout).minimal_correction(rollout.prompt, rollout.response_text)
+            out.append(
+                Correction(
+                    rollout=rollout,
+                    corrected_text=fixed,
+                    teacher=self.name,
+                    latency_s=time.perf_counter() - start,
+                )
+            )
+        return out
