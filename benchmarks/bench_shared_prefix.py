@@ -68,29 +68,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, short sequences")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--response", type=int, default=112)
+    parser.add_argument("--response", type=int, default=240)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5, 0.9])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = "tiny" if args.quick else "small"
     if args.quick:
-        args.repeats, args.response = min(args.repeats, 3), min(args.response, 48)
+        args.repeats, args.pairs, args.response = min(args.repeats, 3), 4, min(args.response, 48)
     torch.manual_seed(0)
     model = build_model(size)
     model.train()
     vocab = model.config.vocab_size
-    for fraction in (0.0, 0.5, 0.9):
+    for fraction in args.fractions:
         pairs = make_pairs(args.pairs, args.prompt, args.response, fraction, vocab, seed=1)
         batch, _ = collate_pairs(pairs, pad_id=0, max_seq_len=args.prompt + args.response, truncation="drop")
         cfgs = {mode: ObjectiveConfig(form="logistic", shared_prefix=mode) for mode in ("off", "on", "auto")}
         for cfg in cfgs.values():  # warm-up (allocator, lazy init)
             step_seconds(model, batch, cfg)
         times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in cfgs}
-        for _ in range(args.repeats):
-            for mode, cfg in cfgs.items():
-                times[mode].append(step_seconds(model, batch, cfg))
+        order = list(cfgs)
+        for repeat in range(args.repeats):
+            for mode in order[repeat % 3 :] + order[: repeat % 3]:  # rotate: no variant always last
+                times[mode].append(step_seconds(model, batch, cfgs[mode]))
         med = {mode: statistics.median(c for c, _ in t) for mode, t in times.items()}
         wall = {mode: statistics.median(w for _, w in t) for mode, t in times.items()}
         print(

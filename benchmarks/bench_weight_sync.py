@@ -2,7 +2,9 @@
 
 Prints one JSON line per (model size, engine) with ``ratio`` = median sync seconds / median
 ``copy_`` seconds of the same bytes into preallocated tensors, measured in the same run
-(target <= 1.5 on CPU), the export (bucketing) seconds apart, GB/s, and the messages per sync
+(target <= 1.5 on CPU), the export (bucketing) seconds apart, GB/s, the vLLM stages
+(shared-memory write, worker reload RPC, prefix-cache reset; ``transport_ratio`` = the
+shared-memory write alone over the raw copy), and the messages per sync
 (buckets + 1 metadata message: must not grow with the parameter count). Every sync carries a
 new version, as in training. Usage:
 ``python benchmarks/bench_weight_sync.py [--sizes tiny small] [--repeats N] [--no-vllm]``.
@@ -67,6 +69,8 @@ def bench_size(size: str, repeats: int, bucket_mb: int, with_vllm: bool, root: P
             sync_s = statistics.median(r.seconds for r in reports)
             copy_s = statistics.median(copies[1:])
             stages = {k: round(statistics.median(b[k] for b in breakdown), 5) for k in breakdown[0]}
+            if "shm_write_s" in stages:  # the transport alone, without vLLM's reload/repack
+                stages["transport_ratio"] = round(stages["shm_write_s"] / copy_s, 2)
             print(json.dumps({
                 "bench": "weight_sync", "engine": name, "size": size,
                 "params": count_parameters(learner), "bytes": update.num_bytes,

@@ -111,25 +111,28 @@ class ObjectiveConfig:
     beta: float = 0.1
     """Inverse temperature on log-ratios (logistic, dpo, ipo, cpl)."""
     label_smoothing: float = 0.0
-    """Conservative DPO label smoothing epsilon in [0, 0.5)."""
+    """Conservative DPO label smoothing epsilon in [0, 0.5) (dpo and logistic forms)."""
     plain_clamp: float = 10.0
-    """Plain form safeguard: the per-pair margin term is clamped at this value (see docs)."""
+    """Plain form safeguard: loss = -min(margin + prior, plain_clamp), so a pair stops pulling once
+    y' leads y by this many nats (docs/objectives.md); ``.inf`` gives the faithful unbounded form."""
     cpl_lambda: float = 0.5
     """CPL conservative regularizer weight (< 1 down-weights pushing y down)."""
     prior: Literal["none", "length"] = "none"
-    """Domain prior l(y) added as log l(y) - log l(y')."""
+    """Domain prior l(y) added as log l(y) - log l(y') (a logit shift log l(y') - log l(y))."""
     length_prior: LengthPriorConfig = field(default_factory=LengthPriorConfig)
     """Parameters of the built-in length prior."""
     anchor_weight: float = 0.0
-    """Weight of the SFT anchor term -log pi(y'|x) (0 disables it)."""
+    """Weight of the SFT anchor term -log pi(y'|x) on corrected pairs (0 disables it)."""
     noop_policy: Literal["drop", "keep", "anchor_only"] = "drop"
-    """Pairs with y' == y: drop them, keep them (zero pairwise loss), or train only the anchor."""
+    """Pairs with y' == y: drop them, keep them (zero pairwise loss, counted in the mean), or train
+    only the anchor on them (needs anchor_weight > 0)."""
     normalization: Literal["sum", "mean"] = "sum"
     """Sequence log-prob as a sum over response tokens or a per-token mean."""
     shared_prefix: Literal["auto", "on", "off"] = "auto"
-    """Encode prompt + the shared prefix of y and y' once (``auto``: when it pays)."""
+    """Encode prompt + the shared prefix of y and y' once (``auto``: when its padded token count is
+    <= 0.8 x the naive forward's and gradient checkpointing is off; docs/objectives.md)."""
     logprob_chunk_size: int = 256
-    """Sequence chunk of the memory-lean log-prob kernel."""
+    """Tokens (of the flattened batch x sequence) per chunk of the memory-lean log-prob kernel."""
 
 
 @section

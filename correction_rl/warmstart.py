@@ -2,18 +2,16 @@
 
 Correction optimization needs a starting policy that is wrong often, but not always: a random
 model is never right (every correction rewrites the whole answer), a converged one never needs
-correcting. So training stops as soon as held-out greedy accuracy enters a band (20-60% by
-default), checked every ``eval_every`` steps; if one interval jumps over the band, training
-returns to the last check and retries with checks four times as often. ``--target-accuracy``
+correcting. So training stops at the first check (every ``eval_every`` steps) whose held-out
+greedy accuracy lies in [aim, high] (30-60% by default, inside the 20-60% band); if one interval
+jumps over the band, training returns to the last check and retries with checks four times as
+often. ``--target-accuracy``
 instead trains until a minimum accuracy (a stronger model of the same family, later used as an
 LLM teacher). Plain torch AdamW with teacher forcing; the loss covers answer tokens and
 ``<eos>`` only, so the model learns to answer, not to write prompts.
 
 The result is a standard Hugging Face directory (model + the project's tokenizer) that
 transformers and vLLM load, with ``warmstart.json`` recording accuracy, steps and time.
-
-This module also holds ``SimpleHFGenerator``, a minimal ``Generator`` over HF ``generate`` that
-warm start and ``correction-rl eval`` use when no rollout engine is given.
 """
 
 from __future__ import annotations
@@ -28,79 +26,13 @@ from pathlib import Path
 from typing import Sequence
 
 from correction_rl.tasks import Task, TaskError, get_task
-from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
-
-class SimpleHFGenerator:
-    """Batched HF ``generate`` with left padding; responses end at ``<eos>`` (not included)."""
-
-    def __init__(self, model, tokenizer, policy_version: int = 0, batch_size: int = 256) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.policy_version = policy_version
-        self.batch_size = batch_size
-
-    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
-        import torch
-
-        out: list[Rollout] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                for start in range(0, len(prompts), self.batch_size):
-                    out.extend(self._batch(prompts[start : start + self.batch_size], sampling))
-        finally:
-            self.model.train(was_training)
-        return out
-
-    def _batch(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Rollout]:
-        enc = self.tokenizer([p.text for p in prompts], return_tensors="pt", padding=True)
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy)
-        if not sampling.greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        generated = self.model.generate(
-            **enc,
-            **kwargs,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
-        rollouts = []
-        for prompt, ids, mask, row in zip(
-            prompts, enc["input_ids"].tolist(), enc["attention_mask"].tolist(), new_tokens
-        ):
-            eos = self.tokenizer.eos_token_id
-            stopped = eos in row
-            response = row[: row.index(eos)] if stopped else row
-            rollouts.append(
-                Rollout(
-                    prompt=prompt,
-                    prompt_ids=[t for t, m in zip(ids, mask) if m],
-                    response_ids=response,
-                    response_text=self.tokenizer.decode(response, skip_special_tokens=True),
-                    policy_version=self.policy_version,
-                    finish_reason="stop" if stopped else "length",
-                )
-            )
-        return rollouts
-
-    def load_weights(self, update: WeightUpdate) -> None:
-        """Copy each named parameter out of its flat bucket and adopt the update's version."""
-        import torch
-
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, bucket, offset, shape, _dtype in update.layout:
-                target = params[name]
-                flat = update.buckets[bucket][offset : offset + target.numel()]
-                target.copy_(flat.view(tuple(shape)).to(target.dtype))
-        self.policy_version = update.version
+from correction_rl.types import Prompt, Sampling
 
 
 @dataclass(frozen=True)
 class WarmStartConfig:
+    """What to train (task, knobs, model size, seed) and when to stop (band / aim / target)."""
+
     task: str = "addition"
     difficulty: dict[str, int] = field(default_factory=dict)
     size: str = "tiny"
@@ -127,6 +59,8 @@ class WarmStartConfig:
 
 @dataclass
 class WarmStartResult:
+    """What ``warmstart.json`` records next to the saved model."""
+
     task: str
     size: str
     seed: int
@@ -144,8 +78,17 @@ class WarmStartResult:
 
 
 def greedy_accuracy(generator, task: Task, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
+    """Fraction of ``prompts`` whose greedy response the task's checker accepts."""
     rollouts = generator.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
     return sum(task.check(r.prompt, r.response_text) for r in rollouts) / len(rollouts)
+
+
+def _check(model, generator, task: Task, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
+    model.eval()
+    try:
+        return greedy_accuracy(generator, task, prompts, max_new_tokens)
+    finally:
+        model.train()
 
 
 def _batch(prompts: Sequence[Prompt], table: dict[str, int]):
@@ -182,6 +125,7 @@ def _train(cfg: WarmStartConfig, log):
     import torch
 
     from correction_rl.models import build_model, build_tokenizer, count_parameters, vocab
+    from correction_rl.rollout.hf import HFGenerator
 
     task = get_task(cfg.task, **cfg.difficulty)
     torch.manual_seed(cfg.seed)
@@ -189,7 +133,7 @@ def _train(cfg: WarmStartConfig, log):
     held_out = task.generate(cfg.num_eval, "eval", cfg.seed)
     max_new = max(len(p.answer) for p in held_out) + 2
     data = task.stream("train", cfg.seed)
-    generator = SimpleHFGenerator(model, tokenizer)
+    generator = HFGenerator(model, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
@@ -210,7 +154,7 @@ def _train(cfg: WarmStartConfig, log):
         step += 1
         if step % eval_every:
             continue
-        accuracy = greedy_accuracy(generator, task, held_out, max_new)
+        accuracy = _check(model, generator, task, held_out, max_new)
         history.append((step, accuracy))
         log(f"step {step}: loss {loss.item():.3f} held-out accuracy {accuracy:.3f}")
         if cfg.target_accuracy is not None:
@@ -230,7 +174,7 @@ def _train(cfg: WarmStartConfig, log):
         snapshot = _snapshot(model, opt, sched, step)
     seconds = time.perf_counter() - start
     if not history or history[-1][0] != step:
-        accuracy = greedy_accuracy(generator, task, held_out, max_new)
+        accuracy = _check(model, generator, task, held_out, max_new)
         history.append((step, accuracy))
     if cfg.target_accuracy is None:
         reached = low <= accuracy <= high

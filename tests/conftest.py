@@ -120,3 +120,28 @@ def vllm_engine_reset(vllm_engine, tiny_model_dir):
     update = flatten_to_buckets(initial.named_parameters(), vllm_engine.policy_version + 1, 1 << 22)
     vllm_engine.load_weights(update)
     return vllm_engine
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """ONE local Ray instance per test session (start-up ~5-10 s), with more logical CPUs than
+    cores so a whole run's actors fit; tests that start the Ray system share it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def warm_policy_dir(tmp_path_factory) -> Path:
+    """A tiny addition policy warm-started into the 20-60% band (seed 0), for loop and system
+    tests that need an imperfect but non-random starting policy."""
+    from correction_rl.warmstart import WarmStartConfig, warm_start
+
+    out = tmp_path_factory.mktemp("warm_policy") / "policy-addition"
+    result = warm_start(WarmStartConfig(task="addition", seed=0), out, log=lambda *_: None)
+    assert result.reached, result
+    return out

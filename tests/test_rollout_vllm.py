@@ -81,6 +81,17 @@ def test_version_regression_is_refused(vllm_engine, learner_weights):
     assert vllm_engine.policy_version == current
 
 
+def test_partial_or_renamed_update_is_refused(vllm_engine, learner_weights):
+    version = vllm_engine.policy_version + 1
+    partial = flatten_to_buckets(list(learner_weights.items())[:-1], version, bucket_bytes=1 << 22)
+    with pytest.raises(ValueError, match="does not cover 1 parameters"):
+        vllm_engine.load_weights(partial)
+    renamed = flatten_to_buckets([("module." + n, t) for n, t in learner_weights.items()], version, 1 << 22)
+    with pytest.raises(KeyError, match="module.model.embed_tokens.weight"):
+        vllm_engine.load_weights(renamed)
+    assert vllm_engine.policy_version == version - 1
+
+
 def test_too_long_prompt_is_a_clear_error(vllm_engine):
     with pytest.raises(ValueError, match="'long'.*max_model_len"):
         vllm_engine.generate([Prompt("long", "x" * 300)], GREEDY)

@@ -90,3 +90,16 @@ def test_gradient_checkpointing_disables_the_cache_path():
     assert not use_shared_prefix(m, batch, ObjectiveConfig(shared_prefix="auto"))
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         use_shared_prefix(m, batch, ObjectiveConfig(shared_prefix="on"))
+
+
+def test_reference_scoring_under_no_grad_matches(model):
+    # reference log-probs are computed with the same function under no_grad
+    batch, _ = collate_pairs(PAIRS, 0, 32, "drop")
+    for mode in ("on", "off"):
+        cfg = ObjectiveConfig(shared_prefix=mode)
+        with torch.no_grad():
+            ref = score_pairs(model, batch, cfg)
+        live = score_pairs(model, batch, cfg)
+        assert not ref.chosen_logps.requires_grad and live.chosen_logps.requires_grad
+        torch.testing.assert_close(ref.chosen_logps, live.chosen_logps.detach())
+        torch.testing.assert_close(ref.rejected_logps, live.rejected_logps.detach())

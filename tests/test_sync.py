@@ -137,3 +137,17 @@ def test_errors_inside_the_apply_propagate(tiny_model_dir, learner_weights):
     update = flatten_to_buckets(learner_weights.items(), version=1, bucket_bytes=1 << 20)
     with pytest.raises(StaleWeightsError):
         InProcessSync([gen], timeout_s=10).publish(update)
+
+
+def test_repeated_syncs_into_an_owned_hf_model_stay_exact(tiny_model_dir, learner_weights):
+    """The second sync with the same layout takes the flat-buffer fast path; a new layout
+    (another bucket size) goes through the validated per-parameter path again."""
+    gen = HFGenerator(tiny_model_dir)
+    for version, (scale, bucket_bytes) in enumerate([(1.0, 1 << 20), (2.0, 1 << 20), (3.0, 1 << 16)], 1):
+        weights = [(n, t * scale) for n, t in learner_weights.items()]
+        gen.load_weights(flatten_to_buckets(weights, version, bucket_bytes))
+        for name, p in gen.model.named_parameters():
+            assert torch.equal(p, learner_weights[name] * scale), (version, name)
+        assert gen.policy_version == version
+    with torch.no_grad():  # the model still runs on its re-homed parameters
+        assert torch.isfinite(gen.model(input_ids=torch.tensor([[1, 5, 6]])).logits).all()

@@ -1,23 +1,23 @@
-"""Warm start: batches mask the prompt, the minimal generator, and (slow) landing in the band."""
+"""Warm start: batches mask the prompt, knobs parse, and (slow) landing in the band."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 
-from correction_rl.models import build_model, build_tokenizer, load_model, load_tokenizer, vocab
+from correction_rl.models import load_model, load_tokenizer, vocab
+from correction_rl.rollout.hf import HFGenerator
 from correction_rl.tasks import TaskError, get_task
-from correction_rl.types import Prompt, Sampling, WeightUpdate
+from correction_rl.types import Prompt
 from correction_rl.warmstart import (
-    SimpleHFGenerator,
     WarmStartConfig,
     _batch,
     cli,
     greedy_accuracy,
     parse_difficulty,
+    train,
+    warm_start,
 )
 
 
@@ -42,40 +42,24 @@ def test_parse_difficulty():
         parse_difficulty(["max_digits=two"])
 
 
-def test_simple_generator_greedy_is_deterministic_and_loads_weights():
-    tok = build_tokenizer()
-    model = build_model("tiny", seed=0).eval()
-    gen = SimpleHFGenerator(model, tok)
-    prompts = get_task("addition").generate(4, "eval", seed=0)
-    greedy = Sampling(max_new_tokens=5, temperature=0.0)
-    first = gen.generate(prompts, greedy)
-    assert [r.prompt for r in first] == prompts
-    for r in first:
-        assert len(r.response_ids) <= 5 and 2 not in r.response_ids and 0 not in r.response_ids
-        assert r.response_text == tok.decode(r.response_ids)
-        assert r.finish_reason == ("length" if len(r.response_ids) == 5 else "stop")
-        assert r.prompt_ids == tok(r.prompt.text)["input_ids"]
-    # one batch-padded call equals per-prompt calls (left padding is handled)
-    assert [gen.generate([p], greedy)[0].response_text for p in prompts[:2]] == [
-        r.response_text for r in first[:2]
-    ]
-    sampled = Sampling(max_new_tokens=5, temperature=1.0, seed=3)
-    assert gen.generate(prompts, sampled) == gen.generate(prompts, sampled)
-    # adopting another model's weights through a flat bucket reproduces that model's outputs
-    other = copy.deepcopy(model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn_like(p))
-    layout, flat, offset = [], [], 0
-    for name, p in other.named_parameters():
-        layout.append((name, 0, offset, tuple(p.shape), "float32"))
-        flat.append(p.detach().reshape(-1))
-        offset += p.numel()
-    gen.load_weights(WeightUpdate(version=4, layout=layout, buckets=[torch.cat(flat)]))
-    assert gen.policy_version == 4
-    expected = SimpleHFGenerator(other.eval(), tok).generate(prompts, greedy)
-    assert [r.response_text for r in gen.generate(prompts, greedy)] == [r.response_text for r in expected]
+def test_stopping_rules_and_saved_directory(tmp_path):
+    """A few tiny steps: the target rule stops at the first check, an overshoot of the band goes
+    back to the last check and checks every step, and the saved directory reloads."""
+    small = dict(task="reverse", batch_size=8, num_eval=8, warmup_steps=1)
+    lines: list[str] = []
+    _, _, hit = train(WarmStartConfig(**small, eval_every=2, target_accuracy=0.0), log=lines.append)
+    assert hit.reached and hit.steps == 2 and len(hit.history) == 1 and len(lines) == 1
+    # every accuracy is above this band: step 4 overshoots, back to step 0, then step 1 overshoots
+    _, _, over = train(WarmStartConfig(**small, eval_every=4, band=(-1.0, -0.5), aim=-1.0), log=lines.append)
+    assert [s for s, _ in over.history] == [4, 1] and over.steps == 1 and not over.reached
+    assert any("back to step 0, checking every 1 steps" in line for line in lines)
+    result = warm_start(WarmStartConfig(**small, eval_every=3, max_steps=3), tmp_path / "m", log=lines.append)
+    assert not result.reached and result.steps == 3  # accuracy 0 after 3 steps: below the band
+    saved = json.loads((tmp_path / "m" / "warmstart.json").read_text())
+    assert saved["accuracy"] == result.accuracy and saved["config"]["knobs"]["alphabet"] == 26
+    model, tok = load_model(tmp_path / "m").eval(), load_tokenizer(tmp_path / "m")
+    held_out = get_task("reverse").generate(8, "eval", 0)
+    assert greedy_accuracy(HFGenerator(model, tok), get_task("reverse"), held_out, 9) == result.accuracy
 
 
 @pytest.mark.slow
@@ -92,6 +76,6 @@ def test_warm_start_lands_in_the_band(tmp_path):
     held_out = get_task("reverse").generate(cfg.num_eval, "eval", cfg.seed)
     model, tok = load_model(out).eval(), load_tokenizer(out)
     max_new = max(len(p.answer) for p in held_out) + 2
-    assert greedy_accuracy(SimpleHFGenerator(model, tok), get_task("reverse"), held_out, max_new) == pytest.approx(
+    assert greedy_accuracy(HFGenerator(model, tok), get_task("reverse"), held_out, max_new) == pytest.approx(
         record["accuracy"]
     )

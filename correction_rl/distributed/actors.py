@@ -53,6 +53,7 @@ class RolloutWorker:
         self.clock = BusyClock()
         self.calls = 0
         self.tokens = 0
+        self.init_model = None  # loaded on first evaluation (KL reference)
 
     def pid(self) -> int:
         return os.getpid()
@@ -114,18 +115,28 @@ class RolloutWorker:
         return [r.response_text for r in out]
 
     def evaluate(self, prompts: Sequence[Prompt]):
-        """Held-out evaluation with this worker's engine (production pauses meanwhile)."""
-        from correction_rl.evaluation import evaluate
+        """Held-out evaluation with this worker's engine (production pauses meanwhile).
 
-        teacher = build_teacher(self.cfg)
+        The KL(pi || pi_init) estimate needs the policy as a torch model: the HF engine has one;
+        with vLLM the KL column stays empty.
+        """
+        from correction_rl.components import eval_modes
+        from correction_rl.evaluation import evaluate
+        from correction_rl.models import load_model, load_tokenizer
+
+        policy_model = getattr(self.generator, "model", None)
+        if self.init_model is None and policy_model is not None:
+            self.init_model = load_model(self.cfg.model.path).eval()
         with self.lock:
             return evaluate(
                 self.generator,
                 prompts,
-                teacher,
-                max_new_tokens=self.cfg.rollout.max_new_tokens,
-                sampled_temperature=self.cfg.rollout.temperature if self.cfg.eval.sampled else None,
-                seed=self.cfg.seed,
+                build_teacher(self.cfg),
+                rollout_sampling(self.cfg, seed=self.cfg.seed),
+                policy_model=policy_model,
+                init_model=self.init_model,
+                tokenizer=load_tokenizer(self.cfg.model.path),
+                modes=eval_modes(self.cfg),
             )
 
     def metrics(self) -> dict[str, float]:

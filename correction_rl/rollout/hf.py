@@ -37,7 +37,10 @@ class HFGenerator:
     ):
         from correction_rl.models import load_model, load_tokenizer
 
-        if isinstance(model_or_path, (str, Path)):
+        self._owns_model = isinstance(model_or_path, (str, Path))
+        self._flat: list[torch.Tensor] = []  # parameter storage once re-homed (load_weights)
+        self._flat_signature: tuple | None = None
+        if self._owns_model:
             self.model = load_model(model_or_path, dtype=dtype)
             tokenizer = tokenizer or load_tokenizer(model_or_path)
         else:
@@ -101,11 +104,34 @@ class HFGenerator:
         return rollouts
 
     def load_weights(self, update: WeightUpdate) -> None:
-        """Copy the buckets into the model's parameters (one ``copy_`` per parameter, no remote
-        calls) and adopt ``update.version``; older versions are refused."""
+        """Copy the buckets into the model and adopt ``update.version``; older versions are
+        refused.
+
+        When the generator owns its model (built from a path), the first update re-homes the
+        parameters as views into flat buffers laid out like the update's buckets, so every
+        later update with the same layout is one ``copy_`` per bucket, as fast as a raw memory
+        copy. A model object handed in by the caller is only ever copied into parameter by
+        parameter (its storage may be shared with an optimizer or a learner)."""
         check_version(self.policy_version, update.version, "HFGenerator")
-        load_into_module(self.model, update)
+        signature = (tuple(update.layout), tuple((b.numel(), b.dtype) for b in update.buckets))
+        with torch.no_grad():
+            if self._owns_model and signature == self._flat_signature:
+                for dst, src in zip(self._flat, update.buckets):
+                    dst.copy_(src)
+            else:
+                load_into_module(self.model, update)  # validates names, shapes, coverage
+                if self._owns_model:
+                    self._rehome(update)
+                    self._flat_signature = signature
         self.policy_version = update.version
+
+    def _rehome(self, update: WeightUpdate) -> None:
+        params = dict(self.model.named_parameters())
+        self._flat = [torch.empty(b.numel(), dtype=b.dtype, device=self.device) for b in update.buckets]
+        for name, b, offset, shape, _ in update.layout:
+            view = self._flat[b][offset : offset + params[name].numel()].view(shape)
+            view.copy_(params[name].data)
+            params[name].data = view
 
     def close(self) -> None:
         """Nothing to release; present so callers can treat every engine alike."""

@@ -103,6 +103,7 @@ class VLLMGenerator:
         self.policy_version = policy_version
         self._arena: list[tuple[str, torch.Tensor]] = []  # shared-memory bucket slots
         self._arena_paths: set[str] = set()
+        self._checkpoint_names: set[str] | None = None  # read on the first load_weights
         self.last_sync_seconds: dict[str, float] = {}
         """Where the last ``load_weights`` spent its time (shared-memory write, worker reload)."""
         weakref.finalize(self, _unlink_all, self._arena_paths)
@@ -173,14 +174,17 @@ class VLLMGenerator:
         every worker reload from them, then drop the prefix cache (its KV entries were
         computed by the old weights) and adopt ``update.version``."""
         check_version(self.policy_version, update.version, "VLLMGenerator")
-        start = time.perf_counter()
+        self._check_names(update)
+        t0 = time.perf_counter()
         paths = self._write_shm(update)
-        written = time.perf_counter()
+        t1 = time.perf_counter()
         loaded = self._rpc("crl_load_shm", _describe(update, paths), update.version)
+        t2 = time.perf_counter()
         self._finish_update(update, loaded)
         self.last_sync_seconds = {
-            "shm_write_s": written - start,
-            "reload_rpc_s": time.perf_counter() - written,
+            "shm_write_s": t1 - t0,
+            "reload_rpc_s": t2 - t1,
+            "reset_prefix_cache_s": time.perf_counter() - t2,
         }
 
     def receive_nccl(self, update: WeightUpdate | dict[str, Any]) -> None:
@@ -192,6 +196,34 @@ class VLLMGenerator:
         self.llm.reset_prefix_cache()
         self._check_loaded(loaded, len(desc["layout"]), desc["version"])
         self.policy_version = desc["version"]
+
+    def _check_names(self, update: WeightUpdate) -> None:
+        """The update must name exactly the checkpoint's tensors, as ``HFGenerator`` demands of
+        its parameters: vLLM's reload would otherwise keep the old weights of any layer the
+        update misses (with only a log warning) and fail deep in a worker on unknown names."""
+        if self._checkpoint_names is None:
+            from safetensors import safe_open
+
+            names: set[str] = set()
+            for file in sorted(Path(self.model_path).glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as handle:
+                    names.update(handle.keys())
+            self._checkpoint_names = names
+        if not self._checkpoint_names:
+            return  # not a safetensors checkpoint: nothing to compare against
+        given = {name for name, *_ in update.layout}
+        unknown = sorted(given - self._checkpoint_names)
+        missing = sorted(self._checkpoint_names - given)
+        if unknown:
+            raise KeyError(
+                f"weight update v{update.version}: parameter {unknown[0]!r} does not exist in the "
+                f"checkpoint of {self.model_path} ({len(unknown)} unknown names)"
+            )
+        if missing:
+            raise ValueError(
+                f"weight update v{update.version} does not cover {len(missing)} parameters of "
+                f"{self.model_path}, e.g. {missing[:3]}"
+            )
 
     def _write_shm(self, update: WeightUpdate) -> list[str]:
         """Copy the buckets into this engine's shared-memory arena and return the file paths.
