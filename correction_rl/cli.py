@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("correction_rl.train", "Run correction optimization from a config."),
     "demo": ("correction_rl.demo", "The README's demo: warm start, then a short real training run."),
     "config": ("correction_rl.config_cli", "Validate a config, print the resolved one or all fields."),
+    "report": ("correction_rl.report", "PNG plots and an HTML summary page from a run directory."),
 }
 
 

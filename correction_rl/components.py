@@ -44,19 +44,20 @@ def buffer_config(cfg: RunConfig) -> BufferConfig:
 
 
 def build_generator(cfg: RunConfig, seed_offset: int = 0) -> Generator:
-    if cfg.rollout.engine == "vllm":
-        from correction_rl.rollout.vllm import VLLMGenerator
+    """The configured rollout engine over ``model.path`` (GPU when the process has one)."""
+    import torch
 
-        return VLLMGenerator(
-            cfg.model.path,
-            seed=cfg.seed + seed_offset,
-            max_model_len=cfg.model.max_seq_len,
-            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-        )
-    from correction_rl.rollout.hf import HFGenerator
+    from correction_rl.rollout import build_generator as build_engine
 
-    return HFGenerator(cfg.model.path)
+    return build_engine(
+        cfg.rollout.engine,
+        cfg.model.path,
+        seed=cfg.seed + seed_offset,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        max_model_len=cfg.model.max_seq_len,
+        kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+    )
 
 
 def build_teacher(cfg: RunConfig) -> Teacher:
@@ -64,15 +65,49 @@ def build_teacher(cfg: RunConfig) -> Teacher:
         from correction_rl.teachers.oracle import OracleTeacher
 
         return OracleTeacher()
-    raise ValueError(
-        f"teacher.kind={cfg.teacher.kind!r} is not available yet (LLM and HTTP teachers are "
-        "tracked in the LLM-teachers issue); use 'oracle'"
+    if cfg.teacher.kind in ("vllm", "http"):
+        return build_llm_teacher(cfg)
+    raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: unknown (allowed: oracle, vllm, http)")
+
+
+def build_llm_teacher(cfg: RunConfig) -> Teacher:
+    """A vLLM or HTTP teacher with the configured templates, validation and retry policy
+    (docs/teachers.md)."""
+    from correction_rl.teachers.templates import TemplateSet
+    from correction_rl.teachers.validation import DEFAULT_REFUSAL_PATTERNS, ValidationRules
+
+    t = cfg.teacher
+    templates = TemplateSet.from_config(t)
+    rules = ValidationRules(
+        max_length_ratio=t.max_length_ratio,
+        length_floor_chars=t.length_floor_chars,
+        refusal_patterns=tuple(t.refusal_patterns) if t.refusal_patterns is not None else DEFAULT_REFUSAL_PATTERNS,
+    )
+    common = dict(
+        api=t.api, timeout_s=t.timeout_s, max_retries=t.max_retries, max_concurrency=t.max_concurrency,
+        on_rejection=t.on_rejection, max_new_tokens=t.max_new_tokens, temperature=t.temperature, seed=cfg.seed,
+    )
+    if t.kind == "vllm":
+        from correction_rl.teachers.vllm_teacher import VLLMTeacher
+
+        return VLLMTeacher(
+            t.model_path or "", templates, rules, max_model_len=t.vllm_max_model_len,
+            kv_cache_gb=t.vllm_kv_cache_gb, gpu_memory_utilization=t.vllm_gpu_memory_utilization, **common,
+        )
+    from correction_rl.teachers.http_teacher import HTTPTeacher
+
+    return HTTPTeacher(
+        t.base_url or "", t.model_path or "", templates, rules, api_key_env=t.api_key_env,
+        backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
+        breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s, **common,
     )
 
 
 def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | None = None) -> MetricSink:
+    from correction_rl.progress import ProgressSink  # live bar on a terminal, lines otherwise
+
     sinks: list[MetricSink] = [
-        ConsoleSink(every=cfg.metrics.console_every_steps),
+        ProgressSink(cfg.total_steps, cfg.metrics.console_every_steps, mode=cfg.metrics.progress),
         JsonlSink(run_dir / "metrics.jsonl"),
     ]
     if cfg.metrics.wandb_mode != "disabled":

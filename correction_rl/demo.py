@@ -1,9 +1,10 @@
 """``correction-rl demo``: what ``make demo`` runs.
 
-Warm-starts a tiny policy on the addition task when ``artifacts/policy-addition`` is missing (a
-model that is right on 20-60% of held-out prompts, so it needs correcting often but not always),
-then runs ``configs/demo.yaml``: HF rollouts, the oracle teacher, the DeepSpeed learner on CPU,
-W&B offline, and ends with the before/after table of held-out correction metrics.
+Warm-starts a tiny policy on the configured task when ``model.path`` (``artifacts/policy-reverse``)
+is missing (a model that is right on 30-60% of held-out prompts, so it needs correcting often
+but not always), then runs ``configs/demo.yaml`` on a local Ray cluster: HF rollouts, the oracle
+teacher, the DeepSpeed learner on CPU, W&B offline, and ends with the before/after table of
+held-out correction metrics.
 """
 
 from __future__ import annotations

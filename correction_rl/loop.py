@@ -32,6 +32,7 @@ from correction_rl.components import (
 )
 from correction_rl.config import RunConfig, dump_config
 from correction_rl.correction_log import CorrectionLog
+from correction_rl.diffs import maybe_log_corrections
 from correction_rl.evaluation import EvalReport, evaluate
 from correction_rl.learner import Learner
 from correction_rl.metrics import MetricSink
@@ -173,6 +174,7 @@ def learn(system: System) -> dict[str, float] | None:
             "buffer.min_fresh_pairs / max_staleness and the teacher's rejection counters"
         )
     stats = learner.train_step(pairs)
+    maybe_log_corrections(system.sink, pairs, system.tokenizer, learner.version, cfg)  # W&B table (diffs.py)
     return {**collect, **stats.as_metrics()}
 
 
@@ -220,6 +222,9 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics.update(held_out_eval(system).as_metrics())
             metrics.update(system.buffer.stats().as_metrics())
             metrics.update(system.counters)
+            teacher_metrics = getattr(system.teacher, "metrics", None)
+            if callable(teacher_metrics):  # LLM teachers: latency, tokens, rejections by reason
+                metrics.update(teacher_metrics())
             system.sink.log(metrics, step=step)
         after = held_out_eval(system)
         save_report(after, system.run_dir / "eval_after.json")
@@ -232,3 +237,6 @@ def run(cfg: RunConfig) -> RunResult:
         close = getattr(system.generator, "close", None)
         if close:
             close()
+        close_teacher = getattr(system.teacher, "close", None)
+        if close_teacher:
+            close_teacher()

@@ -145,3 +145,92 @@ def warm_policy_dir(tmp_path_factory) -> Path:
     result = warm_start(WarmStartConfig(task="addition", seed=0), out, log=lambda *_: None)
     assert result.reached, result
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM teachers (docs/teachers.md): a reverse-task policy, a stronger reverse-task teacher model,
+# and ONE OpenAI-compatible vLLM server over the teacher, shared by every test that needs them.
+
+
+@pytest.fixture(scope="session")
+def reverse_policy_dir(tmp_path_factory) -> Path:
+    """A tiny ``reverse`` policy warm-started into the 20-60% band (seed 0, ~40 s): the
+    cheapest imperfect policy the project can train."""
+    from correction_rl.warmstart import WarmStartConfig, warm_start
+
+    out = tmp_path_factory.mktemp("reverse_policy") / "policy-reverse"
+    result = warm_start(WarmStartConfig(task="reverse", seed=0), out, log=lambda *_: None)
+    assert result.reached, result
+    return out
+
+
+@pytest.fixture(scope="session")
+def reverse_teacher_dir(tmp_path_factory) -> Path:
+    """A stronger tiny ``reverse`` model (warm start with target accuracy 0.9, ~300 steps,
+    ~50 s): the teacher model of the LLM-teacher tests (template ``task_answer``)."""
+    from correction_rl.warmstart import WarmStartConfig, warm_start
+
+    out = tmp_path_factory.mktemp("reverse_teacher") / "teacher-reverse"
+    result = warm_start(WarmStartConfig(task="reverse", seed=0, target_accuracy=0.9), out, log=lambda *_: None)
+    assert result.reached, result
+    return out
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher_server(reverse_teacher_dir, tmp_path_factory):
+    """THE OpenAI-compatible vLLM server (``vllm serve``, CPU build) serving
+    ``reverse_teacher_dir`` as model ``teacher`` on 127.0.0.1 (start-up ~60-90 s here).
+    Yields the base URL (``http://127.0.0.1:<port>/v1``); skipped when vllm is not installed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    port = _free_loopback_port()
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    cli = Path(sys.executable).parent / "vllm"
+    head = [str(cli), "serve"] if cli.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+    cmd = head + [
+        str(reverse_teacher_dir), "--served-model-name", "teacher", "--host", "127.0.0.1",
+        "--port", str(port), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager",
+        "--max-num-seqs", "16", "--seed", "0",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 420
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base_url}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM server not ready after 420 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1.0)
+        yield base_url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

@@ -203,7 +203,15 @@ class TeacherWorker:
             f"teacher/worker{self.worker_id}/pairs": float(self.pairs),
         }
         out.update({f"teacher/skipped/{k}": float(v) for k, v in self.skipped.items()})
+        teacher_metrics = getattr(self.teacher, "metrics", None)
+        if callable(teacher_metrics):  # LLM teachers: latency, tokens, rejections by reason
+            out.update(teacher_metrics())
         return out
+
+    def close(self) -> None:
+        close = getattr(self.teacher, "close", None)
+        if close:
+            close()
 
 
 class BufferActor:

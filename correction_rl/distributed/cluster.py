@@ -2,13 +2,18 @@
 
 Resources come from ``cfg.resources``: CPUs / GPUs per role, and optionally a custom resource
 per role (``resources.rollout_resource`` ...) that a cluster's nodes advertise (``ray start
---resources='{"rollout": 1}'``) to pin roles to nodes. Every actor of a role gets a bundle in one
-placement group; the group must be placeable within ``resources.placement_timeout_s`` or the
-run stops with a message naming what the cluster lacks, instead of waiting forever.
+--resources='{"rollout": 1}'``) and/or node labels per role (``resources.rollout_labels``,
+matched against ``ray start --labels``) to pin roles to nodes. Every actor of a role gets a bundle
+in one placement group. Before asking Ray, the request is checked against the cluster: a total
+the cluster lacks, or a bundle that fits on no single node, fails at once naming the resource;
+otherwise the group must be placeable within ``resources.placement_timeout_s`` (the cluster may be
+busy) or the run stops with a message, instead of waiting forever. docs/cluster.md shows the
+recipes, docs/scaling.md the sizing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -32,7 +37,7 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": _driver_env_vars()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
@@ -45,27 +50,65 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
-def _bundle(cpus: float, gpus: float, custom: str | None) -> dict[str, float]:
+def _driver_env_vars() -> dict[str, str]:
+    """Environment every actor gets, minus keys a submitted job's runtime_env already sets:
+    Ray refuses to merge a job's and a driver's runtime_env that set the same variable."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by `ray job submit` for the entrypoint
+    if job:
+        try:
+            taken = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            taken = {}
+        env = {k: v for k, v in env.items() if k not in taken}
+    return env
+
+
+ROLES = ("learner", "rollout", "teacher")
+
+
+def _bundle(cpus: float, gpus: float, custom: str | None, amount: float) -> dict[str, float]:
     bundle = {"CPU": cpus}
     if gpus:
         bundle["GPU"] = gpus
     if custom:
-        bundle[custom] = 0.01
+        bundle[custom] = amount
     return bundle
+
+
+def _role_specs(res: ResourcesConfig):
+    return (
+        ("learner", res.num_learner_ranks, res.cpus_per_learner_rank, res.gpus_per_learner_rank,
+         res.learner_resource, res.learner_labels),
+        ("rollout", res.num_rollout_workers, res.cpus_per_rollout_worker, res.gpus_per_rollout_worker,
+         res.rollout_resource, res.rollout_labels),
+        ("teacher", res.num_teacher_workers, res.cpus_per_teacher_worker, res.gpus_per_teacher_worker,
+         res.teacher_resource, res.teacher_labels),
+    )
 
 
 def role_bundles(res: ResourcesConfig) -> tuple[list[str], list[dict[str, float]]]:
     """One (role, bundle) per actor, in creation order: learners, rollout workers, teachers."""
     roles, bundles = [], []
-    for role, count, cpus, gpus, custom in (
-        ("learner", res.num_learner_ranks, res.cpus_per_learner_rank, res.gpus_per_learner_rank, res.learner_resource),
-        ("rollout", res.num_rollout_workers, res.cpus_per_rollout_worker, res.gpus_per_rollout_worker, res.rollout_resource),
-        ("teacher", res.num_teacher_workers, res.cpus_per_teacher_worker, res.gpus_per_teacher_worker, res.teacher_resource),
-    ):
+    for role, count, cpus, gpus, custom, _labels in _role_specs(res):
         for _ in range(count):
             roles.append(role)
-            bundles.append(_bundle(cpus, gpus, custom))
+            bundles.append(_bundle(cpus, gpus, custom, res.custom_resource_amount))
     return roles, bundles
+
+
+def role_label_selectors(res: ResourcesConfig) -> list[dict[str, str]]:
+    """The node-label selector of each bundle, in the order of ``role_bundles``."""
+    return [dict(labels) for _, count, *_rest, labels in _role_specs(res) for _ in range(count)]
+
+
+def _check_amount(res: ResourcesConfig) -> None:
+    amount = res.custom_resource_amount
+    if not (amount > 0 and (amount < 1 or float(amount).is_integer())):
+        raise PlacementError(
+            f"resources.custom_resource_amount={amount!r}: Ray accepts a fraction in (0, 1) or a "
+            "whole number"
+        )
 
 
 def _missing_resources(bundles: list[dict[str, float]]) -> list[str]:
@@ -82,23 +125,127 @@ def _missing_resources(bundles: list[dict[str, float]]) -> list[str]:
     ]
 
 
+_SYSTEM_RESOURCES = ("memory", "object_store_memory")
+
+
+def _node_summary(node: dict[str, Any]) -> str:
+    resources = {k: v for k, v in node["Resources"].items()
+                 if k not in _SYSTEM_RESOURCES and not k.startswith("node:")}
+    labels = user_labels(node)
+    return (f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) "
+            f"{_fmt(resources)}{' labels ' + _fmt(labels) if labels else ''}")
+
+
+def _fmt(mapping: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}"
+                           for k, v in sorted(mapping.items())) + "}"
+
+
+def user_labels(node: dict[str, Any]) -> dict[str, str]:
+    """A node's labels without the ones Ray sets itself (``ray.io/...``)."""
+    return {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+
+
+def _label_matches(selector: dict[str, str], labels: dict[str, str]) -> bool | None:
+    """Exact-value selectors only; None when an operator (``!x``, ``in(...)``) is involved, which
+    Ray itself evaluates (the placement timeout still bounds the wait)."""
+    for key, want in selector.items():
+        if want.startswith("!") or "(" in want:
+            return None
+        if labels.get(key) != want:
+            return False
+    return True
+
+
+def _unfittable(roles: list[str], bundles: list[dict[str, float]],
+                selectors: list[dict[str, str]]) -> list[str]:
+    """Bundles that no single alive node can ever hold (a bundle never spans nodes): e.g. a
+    learner rank asking for 8 GPUs on a cluster of 4-GPU nodes, or a custom resource and a label
+    that no one node has together. Ray would wait for such a node forever."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    problems, seen = [], set()
+    for role, bundle, selector in zip(roles, bundles, selectors):
+        key = (role, tuple(sorted(bundle.items())), tuple(sorted(selector.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        fits = []
+        for node in nodes:
+            enough = all(node["Resources"].get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+            match = _label_matches(selector, user_labels(node))
+            fits.append(enough and match is not False)
+        if not any(fits):
+            wanted = _fmt(bundle) + (f" on labels {_fmt(selector)}" if selector else "")
+            problems.append(f"one {role} actor needs {wanted} on a single node, and no node has it")
+    if problems:
+        problems.append("nodes: " + "; ".join(_node_summary(n) for n in nodes))
+    return problems
+
+
 def reserve(cfg: RunConfig):
-    roles, bundles = role_bundles(cfg.resources)
+    """One placement group, one bundle per actor; fails fast (``PlacementError``) when the cluster
+    can never host it, and after ``resources.placement_timeout_s`` when it cannot host it now."""
+    res = cfg.resources
+    _check_amount(res)
+    roles, bundles = role_bundles(res)
+    selectors = role_label_selectors(res)
     missing = _missing_resources(bundles)
     if missing:
         raise PlacementError("the Ray cluster cannot host this run: " + "; ".join(missing))
-    strategy = "SPREAD" if cfg.resources.placement == "spread" else "PACK"
-    group = placement_group(bundles, strategy=strategy)
+    unfittable = _unfittable(roles, bundles, selectors)
+    if unfittable:
+        raise PlacementError("the Ray cluster cannot host this run: " + "; ".join(unfittable))
+    strategy = "SPREAD" if res.placement == "spread" else "PACK"
+    extra = {"bundle_label_selector": selectors} if any(selectors) else {}
+    group = placement_group(bundles, strategy=strategy, **extra)
     try:
-        ray.get(group.ready(), timeout=cfg.resources.placement_timeout_s)
+        ray.get(group.ready(), timeout=res.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise PlacementError(
             f"placement of {len(bundles)} actors ({', '.join(sorted(set(roles)))}) not possible "
-            f"within {cfg.resources.placement_timeout_s:.0f} s: no node (or set of nodes) has "
-            f"room for the bundles {bundles}; cluster resources: {ray.cluster_resources()}"
+            f"within {res.placement_timeout_s:.0f} s: no node (or set of nodes) has "
+            f"room for the bundles {bundles}"
+            + (f" with labels {selectors}" if any(selectors) else "")
+            + f" (other jobs may hold them); cluster resources: {ray.cluster_resources()}"
         ) from None
     return group, roles, bundles
+
+
+def _where(actor) -> tuple[int, str, str]:
+    """Runs inside an actor (``__ray_call__``): its pid, node id and node IP, as it sees them."""
+    return os.getpid(), ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+def describe_placement(cluster: "Cluster", timeout_s: float = 60.0) -> dict[str, list[dict[str, Any]]]:
+    """Where every actor runs, as each actor itself reports it, joined with what its bundle
+    requested and what its node advertises (``roles.json``; the multi-node tests read it)."""
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+    actors = [*cluster.learners, *cluster.rollout_workers, *cluster.teachers]
+    roles = [*cluster.roles, "buffer"]
+    bundles = [*cluster.bundles, {}]
+    selectors = [*cluster.label_selectors, {}]
+    reports = ray.get([a.__ray_call__.remote(_where) for a in [*actors, cluster.buffer]], timeout=timeout_s)
+    out: dict[str, list[dict[str, Any]]] = {role: [] for role in (*ROLES, "buffer")}
+    for index, (role, bundle, selector, (pid, node_id, node_ip)) in enumerate(
+        zip(roles, bundles, selectors, reports)
+    ):
+        node = nodes.get(node_id, {})
+        resources = node.get("Resources", {})
+        out[role].append({
+            "pid": pid,
+            "bundle_index": index if role != "buffer" else None,
+            "bundle": bundle,
+            "label_selector": selector,
+            "node_id": node_id,
+            "node_ip": node_ip,
+            "node_custom_resources": {
+                k: v for k, v in resources.items()
+                if k not in ("CPU", "GPU", *_SYSTEM_RESOURCES) and not k.startswith("node:")
+            },
+            "node_labels": user_labels(node) if node else {},
+        })
+    return out
 
 
 def _free_port() -> int:
@@ -124,13 +271,16 @@ class Cluster:
     teachers: list
     buffer: Any
     roles: list[str] = field(default_factory=list)
+    bundles: list[dict[str, float]] = field(default_factory=list)
+    """The placement-group bundle of each learner / rollout / teacher actor, in that order."""
+    label_selectors: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def all_actors(self) -> list:
         return [*self.learners, *self.rollout_workers, *self.teachers, self.buffer]
 
     def shutdown(self) -> None:
-        for worker in self.rollout_workers:
+        for worker in [*self.rollout_workers, *self.teachers]:  # engines own child processes
             try:
                 ray.get(worker.close.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - best effort on the way out
@@ -184,7 +334,8 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
     buffer = ray.remote(BufferActor).options(num_cpus=0, max_concurrency=16).remote(
         cfg, str(cfg.run_dir / "corrections.jsonl")
     )
-    cluster = Cluster(cfg, group, learners, rollout_workers, teachers, buffer, roles)
+    cluster = Cluster(cfg, group, learners, rollout_workers, teachers, buffer, roles, bundles,
+                      role_label_selectors(res))
     # Constructors run concurrently (the learner ranks rendezvous with each other in theirs).
     try:
         ray.get([a.pid.remote() for a in cluster.all_actors if a is not buffer], timeout=res.start_timeout_s)

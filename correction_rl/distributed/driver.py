@@ -22,7 +22,8 @@ import ray
 
 from correction_rl.components import build_sink, load_prompts
 from correction_rl.config import RunConfig, dump_config
-from correction_rl.distributed.cluster import Cluster, init_ray, start_cluster
+from correction_rl.diffs import maybe_log_corrections
+from correction_rl.distributed.cluster import Cluster, describe_placement, init_ray, start_cluster
 from correction_rl.distributed.weights import ObjectStoreSync
 from correction_rl.evaluation import EvalReport
 from correction_rl.loop import RunResult, save_report
@@ -150,6 +151,7 @@ class Driver:
                 pairs = self.next_batch()
                 staleness = [self.version - p.policy_version for p in pairs]
                 metrics: dict[str, Any] = self.learn(pairs).as_metrics()
+                maybe_log_corrections(sink, pairs, None, self.version, self.cfg)  # W&B table (diffs.py)
                 metrics["buffer/batch_staleness_mean"] = sum(staleness) / max(1, len(staleness))
                 metrics["buffer/batch_staleness_max"] = float(max(staleness, default=0))
                 if self.version % self.cfg.sync.every_steps == 0 or self.version == self.cfg.total_steps:
@@ -193,12 +195,6 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def placement_record(cluster: Cluster) -> dict[str, list[dict[str, Any]]]:
-    """Which node each actor ran on (for the multi-node placement checks)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for role, actors in (
-        ("learner", cluster.learners),
-        ("rollout", cluster.rollout_workers),
-        ("teacher", cluster.teachers),
-    ):
-        out[role] = [{"pid": pid} for pid in ray.get([a.pid.remote() for a in actors], timeout=60)]
-    return out
+    """Which node each actor ran on (for the multi-node placement checks): per role, each actor's
+    pid, bundle, label selector, node id / IP and that node's custom resources and labels."""
+    return describe_placement(cluster)

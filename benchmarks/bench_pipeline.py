@@ -1,0 +1,132 @@
+"""Pipeline efficiency of the Ray system, and async vs sync mode on the same actors.
+
+One Ray cluster, one set of actors (rollout worker, teacher worker, buffer, learner rank):
+
+1. each stage alone: generation (rollouts/s), correction (pairs/s), training (pairs/s);
+2. ``sync`` mode for ``--steps`` learner steps, then ``async`` mode for as many: end-to-end
+   trained pairs/s of each (repeated ``--repeats`` times, interleaved, medians).
+
+Prints one JSON line with ``efficiency`` = async pairs/s / the slowest stage's pairs/s alone
+(target >= 0.9), ``async_speedup`` = async pairs/s / sync pairs/s, and the ideal overlap bound
+``(t_gen + t_teach + t_train) / max(t_gen, t_teach, t_train)`` of per-pair stage times, with
+``speedup_vs_bound`` (target >= 0.9). Each actor runs one torch thread (Ray sets
+OMP_NUM_THREADS to the actor's CPUs), so on a 2-core machine the generation and training roles
+each get a core and the bound is reachable; more busy roles than cores cap it lower.
+
+Usage: ``python benchmarks/bench_pipeline.py [--steps 8] [--repeats 3] [--size tiny]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from correction_rl.components import load_prompts
+from correction_rl.config import config_from_dict
+from correction_rl.distributed.cluster import init_ray, start_cluster
+from correction_rl.distributed.driver import Driver
+from correction_rl.metrics import MultiSink
+from correction_rl.models import make_model
+
+
+def stage_rates(cluster, batches: int) -> dict[str, float]:
+    """Pairs per second of each stage run alone, on the same actors."""
+    worker, teacher, learner = cluster.rollout_workers[0], cluster.teachers[0], cluster.learners[0]
+    start = time.perf_counter()
+    rollouts = [ray.get(worker.generate.remote()) for _ in range(batches)]
+    t_gen = time.perf_counter() - start
+    n = sum(len(r) for r in rollouts)
+    start = time.perf_counter()
+    pairs = [ray.get(teacher.correct.remote(r)) for r in rollouts]
+    t_teach = time.perf_counter() - start
+    flat = [p for lst in pairs for p in lst]
+    step = cluster.cfg.learner.micro_batch_pairs
+    chunks = [flat[i : i + step] for i in range(0, len(flat) - step + 1, step)]
+    start = time.perf_counter()
+    for chunk in chunks:
+        ray.get(learner.train_step.remote(chunk))
+    t_train = time.perf_counter() - start
+    return {
+        "gen": n / t_gen,
+        "teach": len(flat) / t_teach,
+        "train": len(chunks) * step / t_train,
+        "pairs_per_rollout": len(flat) / n,
+    }
+
+
+def end_to_end(cluster, cfg, eval_prompts, mode: str, steps: int) -> float:
+    """Trained pairs per second over ``steps`` learner steps in ``mode``."""
+    version = ray.get(cluster.learners[0].version.remote())
+    run_cfg = dataclasses.replace(cfg, mode=mode, total_steps=version + steps)
+    driver = Driver(run_cfg, cluster, eval_prompts)
+    driver.version = version
+    start = time.perf_counter()
+    driver.train(MultiSink([]))
+    return driver.pairs_trained / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="rollouts per generation call")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_model(Path(tmp) / "policy", args.size, seed=0)
+        cfg = config_from_dict({
+            "name": "bench", "output_dir": tmp, "model": {"path": str(path)},
+            "task": {"names": ["addition"], "num_train": 2000, "num_eval": 8},
+            "rollout": {"engine": "hf", "batch_size": args.batch, "max_new_tokens": 8},
+            "objective": {"form": "logistic", "noop_policy": "keep"},
+            "learner": {"backend": "deepspeed", "zero_stage": 0, "micro_batch_pairs": args.batch},
+            "buffer": {"min_fresh_pairs": args.batch, "max_staleness": 1, "sampling": "fifo"},
+            "sync": {"every_steps": 1},
+            "eval": {"every_steps": 0, "num_prompts": 8},
+            "metrics": {"wandb_mode": "disabled"},
+            "resources": {"cpus_per_rollout_worker": 1, "cpus_per_teacher_worker": 0.5,
+                          "cpus_per_learner_rank": 1},
+        })
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        train, held_out = load_prompts(cfg)
+        init_ray(cfg)
+        cluster = start_cluster(cfg, train)
+        try:
+            stage_rates(cluster, 2)  # warm-up: first calls pay lazy initialisation
+            rates = stage_rates(cluster, 6)
+            sync_rates, async_rates = [], []
+            for _ in range(args.repeats):
+                sync_rates.append(end_to_end(cluster, cfg, held_out, "sync", args.steps))
+                async_rates.append(end_to_end(cluster, cfg, held_out, "async", args.steps))
+        finally:
+            cluster.shutdown()
+            ray.shutdown()
+    # Per trained pair: generating it costs 1/gen per rollout / pairs_per_rollout, etc.
+    t_gen = 1 / (rates["gen"] * rates["pairs_per_rollout"])
+    t_teach = 1 / rates["teach"]
+    t_train = 1 / rates["train"]
+    bound = (t_gen + t_teach + t_train) / max(t_gen, t_teach, t_train)
+    slowest = 1 / max(t_gen, t_teach, t_train)
+    e2e_async, e2e_sync = statistics.median(async_rates), statistics.median(sync_rates)
+    speedup = e2e_async / e2e_sync
+    print(json.dumps({
+        "bench": "pipeline", "size": args.size, "steps": args.steps, "repeats": args.repeats,
+        "cores": os.cpu_count(),
+        "stage_pairs_per_s": {"gen": round(1 / t_gen, 1), "teach": round(1 / t_teach, 1), "train": round(1 / t_train, 1)},
+        "async_pairs_per_s": round(e2e_async, 2), "sync_pairs_per_s": round(e2e_sync, 2),
+        "efficiency": round(e2e_async / slowest, 3), "efficiency_target": 0.9,
+        "async_speedup": round(speedup, 3), "bound": round(bound, 3),
+        "speedup_vs_bound": round(speedup / bound, 3), "speedup_vs_bound_target": 0.9,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
