@@ -12,8 +12,10 @@ Usage: ``python benchmarks/bench_loop_improvement.py --tasks reverse sorting --s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +54,8 @@ def main() -> None:
                     ] + overrides,
                 )
                 start = time.perf_counter()
-                result = run(cfg)
+                with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
+                    result = run(cfg)
                 seconds = time.perf_counter() - start
                 before = result.before.modes["greedy"].correction_rate
                 after = result.after.modes["greedy"].correction_rate

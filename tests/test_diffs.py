@@ -118,3 +118,27 @@ def test_table_sinks_are_found_inside_multisinks(tmp_path):
     assert table_sinks(MultiSink([jsonl, MultiSink([tables])])) == [tables]
     assert table_sinks(jsonl) == []
     jsonl.close()
+
+
+def test_maybe_log_corrections_every_n_steps_loads_the_tokenizer_itself(tiny_model_dir, tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """What the Ray driver does: no tokenizer at hand (None), a W&B sink inside a MultiSink."""
+    from correction_rl.config import load_config
+    from correction_rl.diffs import TABLE_KEY, maybe_log_corrections
+    from correction_rl.metrics import WandbSink, read_offline_runs
+
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, {"model": {"path": str(tiny_model_dir)},
+                             "metrics": {"wandb_mode": "offline", "table_every_steps": 3, "table_rows": 1}})
+    wandb_sink = WandbSink(cfg.metrics, tmp_path / "run", {})
+    sink = MultiSink([JsonlSink(tmp_path / "run" / "metrics.jsonl"), wandb_sink])
+    pairs = [pair_for(tokenizer, "2+2=", "5", "4"), pair_for(tokenizer, "1+2=", "3", "3")]
+    logged = [maybe_log_corrections(sink, pairs, None, step, cfg) for step in range(1, 7)]
+    assert logged == [False, False, True, False, False, True]
+    assert not maybe_log_corrections(sink, [], None, 9, cfg)
+    sink.close()
+    (run,) = read_offline_runs(tmp_path / "run")
+    tables = [row for row in run.history if TABLE_KEY in row]
+    assert [row["step"] for row in tables] == [3, 6] and tables[0][TABLE_KEY]["nrows"] == 1

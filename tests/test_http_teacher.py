@@ -167,7 +167,7 @@ def test_bad_answers_are_rejected_by_reason_and_dropped_or_retried(fault_server,
     assert out[-1].corrected_text == WORDS[6][::-1]
     assert {k.removeprefix("teacher/rejected/"): v for k, v in m.items() if k.startswith("teacher/rejected/")} == {
         r: 1 for r in reasons.values()}
-    assert m["teacher/accepted"] == 1 and m["teacher/corrections"] == 7
+    assert m["teacher/accepted"] == 1 and m["teacher/rollouts"] == 7
 
     server = fault_server(["refusal", "empty"])
     t = teacher(server.base_url, monkeypatch, on_rejection="retry", max_retries=2)
@@ -322,3 +322,32 @@ def test_training_run_with_vllm_server_as_http_teacher(tmp_path, vllm_teacher_se
     right = [tokenizer.decode(p.chosen_ids, skip_special_tokens=True)
              == task.solve(tokenizer.decode(p.prompt_ids, skip_special_tokens=True)) for p in pairs]
     assert len(pairs) >= 8 and sum(right) / len(right) >= 0.75, (sum(right), len(right))
+
+
+def test_teacher_worker_reports_the_teachers_metrics(fault_server, monkeypatch, tiny_model_dir, tiny_tokenizer):
+    """The Ray teacher actor's class (used here as a plain object) adds ``teacher.metrics()``."""
+    from correction_rl.config import config_from_dict
+    from correction_rl.distributed.actors import TeacherWorker
+
+    server = fault_server(["429", "refusal"])
+    monkeypatch.setenv("CRL_TEST_TEACHER_KEY", SECRET)
+    cfg = config_from_dict({
+        "model": {"path": str(tiny_model_dir)}, "objective": {"form": "logistic"},
+        "teacher": {"kind": "http", "base_url": server.base_url, "model_path": "teacher",
+                    "api_key_env": "CRL_TEST_TEACHER_KEY", "max_concurrency": 1, "backoff_base_s": 0.01},
+    })
+    worker = TeacherWorker(cfg, worker_id=0)
+    try:
+        batch = []
+        for i, word in enumerate(WORDS[:3]):
+            r = rollouts([word])[0]
+            ids = tiny_tokenizer(r.response_text, add_special_tokens=False)["input_ids"]
+            prompt_ids = tiny_tokenizer(r.prompt.text)["input_ids"]
+            batch.append(Rollout(r.prompt, prompt_ids, ids, r.response_text, 0))
+        pairs = worker.correct(batch)
+        m = worker.metrics()
+    finally:
+        worker.close()
+    assert len(pairs) == 2 and m["teacher/worker0/pairs"] == 2
+    assert m["teacher/skipped/rejected:refusal"] == 1 and m["teacher/rejected/refusal"] == 1
+    assert m["teacher/errors/http_429"] == 1 and m["teacher/accepted"] == 2

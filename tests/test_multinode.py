@@ -1,7 +1,12 @@
 """A real multi-node Ray cluster on this machine: a head and two worker nodes started as separate
-``ray start`` processes (own temp dirs, ports, resources and labels, 127.0.0.1 only), a short run
+``ray start`` processes (own temp dirs, ports, resources and labels; this machine only), a short run
 submitted with ``ray job submit`` exactly as docs/cluster.md tells users, and placement checked
 from the run's ``roles.json`` against the node ids that Ray's state API reports for each node.
+
+Addresses: the nodes are started with ``--node-ip-address=127.0.0.1``; Ray 2.60 replaces a loopback
+node address by this machine's own interface address (``resolve_ip_for_localhost``, as ``ray.init``
+does for the local cluster), so the traffic never leaves the machine; the dashboard and job API
+listen on 127.0.0.1.
 
 Isolation from the rest of the suite: this pytest process never calls ``ray.init`` for this
 cluster (the session ``ray_local`` fixture may hold a local Ray in this process); everything goes
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -41,6 +47,11 @@ NODES = {
     "train": (2, {"learner_node": 1}, {"pool": "train"}),
     "gen": (2, {"rollout_node": 2}, {"pool": "gen"}),
 }
+
+
+def plain(text: str) -> str:
+    """CLI output without its ANSI colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _free_port() -> int:
@@ -177,23 +188,27 @@ def run_config(tmp_path: Path, policy_dir: Path, name: str, **resources) -> Path
     return path
 
 
-def test_job_submit_places_each_role_on_its_node(ray_nodes, tmp_path, warm_policy_dir):
-    config = run_config(tmp_path, warm_policy_dir, "multinode")
+def test_job_submit_places_each_role_on_its_node(ray_nodes, tmp_path, tiny_model_dir):
+    config = run_config(tmp_path, tiny_model_dir, "multinode")
     job_id = f"crl_test_{secrets.token_hex(4)}"
     start = time.monotonic()
     submit = ray_nodes.ray(
         "job", "submit", "--address", ray_nodes.dashboard, "--submission-id", job_id,
-        "--working-dir", str(REPO), "--",
+        "--working-dir", str(REPO),
+        # A job runtime_env that sets a variable the driver also sets for its actors: Ray refuses
+        # to merge the two unless the driver leaves that key to the job (cluster.py).
+        "--runtime-env-json", json.dumps({"env_vars": {"TOKENIZERS_PARALLELISM": "false", "CRL_FROM_JOB": "1"}}),
+        "--",
         "python", "-m", "correction_rl.cli", "train", "--config", str(config),
         timeout=420, check=False,
     )
     elapsed = time.monotonic() - start
-    status = ray_nodes.ray("job", "status", "--address", ray_nodes.dashboard, job_id, check=False)
-    logs = ray_nodes.ray("job", "logs", "--address", ray_nodes.dashboard, job_id, check=False).stdout
-    assert submit.returncode == 0 and "SUCCEEDED" in status.stdout, (
-        f"job {job_id} did not succeed:\n{status.stdout}\n{logs[-6000:]}\n{submit.stderr[-3000:]}"
+    status = plain(ray_nodes.ray("job", "status", "--address", ray_nodes.dashboard, job_id, check=False).stdout)
+    logs = plain(ray_nodes.ray("job", "logs", "--address", ray_nodes.dashboard, job_id, check=False).stdout)
+    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in status, (
+        f"job {job_id} did not succeed:\n{status}\n{logs[-6000:]}\n{submit.stderr[-3000:]}"
     )
-    assert "run directory:" in logs
+    assert "run directory:" in logs and "step 2/2" in logs
 
     run_dir = tmp_path / "shared" / "multinode"
     roles = json.loads((run_dir / "roles.json").read_text())
@@ -204,7 +219,7 @@ def test_job_submit_places_each_role_on_its_node(ray_nodes, tmp_path, warm_polic
         assert len(roles[role]) == {"learner": 1, "rollout": 2, "teacher": 1}[role]
         for actor in roles[role]:
             assert actor["node_id"] == by_name[node_name]["node_id"], (role, actor, node_name)
-            assert actor["node_ip"] == "127.0.0.1"
+            assert actor["node_ip"] == by_name[node_name]["node_ip"]
             assert actor["node_labels"]["pool"] == node_name
     assert roles["learner"][0]["bundle"] == {"CPU": 1.0, "learner_node": 1}
     assert roles["learner"][0]["node_custom_resources"] == {"learner_node": 1.0}
@@ -216,7 +231,7 @@ def test_job_submit_places_each_role_on_its_node(ray_nodes, tmp_path, warm_polic
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert (run_dir / "corrections.jsonl").stat().st_size > 0
-    print(f"job submit -> SUCCEEDED in {elapsed:.1f} s")
+    print(f"job submit -> SUCCEEDED in {elapsed:.1f} s; roles.json: {json.dumps(roles)}")
 
 
 def _train_cli(ray_nodes, config: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -231,9 +246,9 @@ def _train_cli(ray_nodes, config: Path, *overrides: str) -> tuple[subprocess.Com
 
 
 def test_a_request_the_cluster_cannot_satisfy_fails_fast_naming_the_resource(
-    ray_nodes, tmp_path, warm_policy_dir
+    ray_nodes, tmp_path, tiny_model_dir
 ):
-    config = run_config(tmp_path, warm_policy_dir, "unsatisfiable")
+    config = run_config(tmp_path, tiny_model_dir, "unsatisfiable")
     # A custom resource no node advertises.
     proc, seconds = _train_cli(ray_nodes, config, "--resources.teacher_resource", "teacher_gpu_node")
     assert proc.returncode != 0
@@ -244,5 +259,11 @@ def test_a_request_the_cluster_cannot_satisfy_fails_fast_naming_the_resource(
     proc, seconds = _train_cli(ray_nodes, config, "--resources.cpus_per_learner_rank", "3")
     assert proc.returncode != 0
     assert "one learner actor needs {CPU: 3, learner_node: 1} on a single node" in proc.stderr, proc.stderr[-3000:]
-    assert "node 127.0.0.1" in proc.stderr and "learner_node: 1" in proc.stderr
+    assert "node train (" in proc.stderr and "learner_node: 1" in proc.stderr
+    assert seconds < 90, f"took {seconds:.0f} s"
+    # A node label no node carries (custom resource and CPUs are fine).
+    proc, seconds = _train_cli(ray_nodes, config, "--resources.learner_labels", "{pool: gpu}")
+    assert proc.returncode != 0
+    assert "one learner actor needs {CPU: 1, learner_node: 1} with node labels {pool: gpu}" in proc.stderr, (
+        proc.stderr[-3000:])
     assert seconds < 90, f"took {seconds:.0f} s"

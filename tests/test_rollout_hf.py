@@ -97,3 +97,35 @@ def test_bad_sampling_is_rejected(tiny_model_dir):
         engine.generate([Prompt("a", "x")], Sampling(max_new_tokens=0))
     with pytest.raises(ValueError, match="top_p"):
         engine.generate([Prompt("a", "x")], Sampling(top_p=0.0))
+
+
+
+def test_adopting_read_only_buckets_then_copying_again(tiny_model_dir, tiny_tokenizer, learner_model):
+    """The zero-copy path of the Ray transport: parameters view read-only buckets (as Ray's
+    object store maps them), greedy output equals the learner's, and a later copying load
+    re-owns the memory first instead of writing into the read-only buckets."""
+    import dataclasses
+    import warnings
+
+    engine = HFGenerator(tiny_model_dir)
+    initial = [r.response_ids for r in engine.generate(_prompts(), GREEDY)]
+    update = flatten_to_buckets(learner_model.named_parameters(), version=1, bucket_bytes=128 * 1024)
+    frozen = []
+    for bucket in update.buckets:
+        array = bucket.numpy().copy()
+        array.setflags(write=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # non-writable array: we only read it
+            frozen.append(torch.from_numpy(array))
+    engine.adopt_weights(dataclasses.replace(update, buckets=frozen))
+    want = [r.response_ids for r in HFGenerator(learner_model, tiny_tokenizer).generate(_prompts(), GREEDY)]
+    assert [r.response_ids for r in engine.generate(_prompts(), GREEDY)] == want
+    param = next(engine.model.parameters())  # no copy was made: it lives inside a bucket
+    assert any(b.data_ptr() <= param.data_ptr() < b.data_ptr() + b.numel() * b.element_size() for b in frozen)
+    # back to the initial weights through the copying path (version 2): must not touch `frozen`
+    start = flatten_to_buckets(HFGenerator(tiny_model_dir).model.named_parameters(), 2, 128 * 1024)
+    before = [b.clone() for b in frozen]
+    engine.load_weights(start)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen))
+    assert [r.response_ids for r in engine.generate(_prompts(), GREEDY)] == initial
+    assert engine.policy_version == 2

@@ -145,7 +145,7 @@ def test_teacher_metrics_counts_outcomes_errors_tokens_and_edit_distance():
     m.outcome("abc", None, "refusal")
     m.add_busy(2.0)
     out = m.snapshot()
-    assert out["teacher/requests"] == 5 and out["teacher/corrections"] == 3 and out["teacher/accepted"] == 2
+    assert out["teacher/requests"] == 5 and out["teacher/rollouts"] == 3 and out["teacher/accepted"] == 2
     assert out["teacher/rejected/refusal"] == 1 and out["teacher/errors/http_429"] == 2
     assert out["teacher/retries"] == 1
     assert out["teacher/latency_p50_s"] == pytest.approx(0.3)

@@ -43,7 +43,7 @@ def test_corrects_a_batch_with_a_concurrency_limit_and_reports_metrics(vllm_teac
     right = sum(c.corrected_text == task.canonical(c.rollout.prompt) for c in out)
     assert right >= 9, [(c.rollout.prompt.text, c.corrected_text, c.rejection) for c in out]
     m = vllm_teacher.metrics()
-    assert m["teacher/requests"] == 12 and m["teacher/corrections"] == 12
+    assert m["teacher/requests"] == 12 and m["teacher/rollouts"] == 12
     assert m["teacher/accepted"] + sum(v for k, v in m.items() if k.startswith("teacher/rejected/")) == 12
     assert m["teacher/completion_tokens"] >= 12 * 3 and m["teacher/prompt_tokens"] >= 12 * 8
     assert 0 < m["teacher/latency_p50_s"] <= m["teacher/latency_p99_s"]

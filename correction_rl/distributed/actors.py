@@ -103,7 +103,10 @@ class RolloutWorker:
 
         with self.lock:
             start = time.perf_counter()
-            self.generator.load_weights(from_transport(update))
+            update = from_transport(update)
+            # Engines that can keep the mapped, read-only buckets skip the copy (docs/rollout.md).
+            adopt = getattr(self.generator, "adopt_weights", None)
+            (adopt or self.generator.load_weights)(update)
             self.clock.add(time.perf_counter() - start)
             return self.generator.policy_version
 

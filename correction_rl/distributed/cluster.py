@@ -132,8 +132,9 @@ def _node_summary(node: dict[str, Any]) -> str:
     resources = {k: v for k, v in node["Resources"].items()
                  if k not in _SYSTEM_RESOURCES and not k.startswith("node:")}
     labels = user_labels(node)
-    return (f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) "
-            f"{_fmt(resources)}{' labels ' + _fmt(labels) if labels else ''}")
+    name, ip = node.get("NodeName") or node["NodeManagerAddress"], node["NodeManagerAddress"]
+    where = f"{name} ({ip}, {node['NodeID'][:8]})" if name != ip else f"{ip} ({node['NodeID'][:8]})"
+    return f"node {where} {_fmt(resources)}{' labels ' + _fmt(labels) if labels else ''}"
 
 
 def _fmt(mapping: dict[str, Any]) -> str:
@@ -146,13 +147,18 @@ def user_labels(node: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
 
 
-def _label_matches(selector: dict[str, str], labels: dict[str, str]) -> bool | None:
-    """Exact-value selectors only; None when an operator (``!x``, ``in(...)``) is involved, which
-    Ray itself evaluates (the placement timeout still bounds the wait)."""
+def _label_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Ray's label-selector syntax: ``v`` (equals), ``!v`` (differs or absent), ``in(a,b)``,
+    ``!in(a,b)``."""
     for key, want in selector.items():
-        if want.startswith("!") or "(" in want:
-            return None
-        if labels.get(key) != want:
+        want = want.strip()
+        negate = want.startswith("!")
+        body = want[1:].strip() if negate else want
+        if body.startswith("in(") and body.endswith(")"):
+            allowed = {v.strip() for v in body[3:-1].split(",")}
+        else:
+            allowed = {body}
+        if (labels.get(key) in allowed) == negate:
             return False
     return True
 
@@ -172,10 +178,9 @@ def _unfittable(roles: list[str], bundles: list[dict[str, float]],
         fits = []
         for node in nodes:
             enough = all(node["Resources"].get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
-            match = _label_matches(selector, user_labels(node))
-            fits.append(enough and match is not False)
+            fits.append(enough and _label_matches(selector, user_labels(node)))
         if not any(fits):
-            wanted = _fmt(bundle) + (f" on labels {_fmt(selector)}" if selector else "")
+            wanted = _fmt(bundle) + (f" with node labels {_fmt(selector)}" if selector else "")
             problems.append(f"one {role} actor needs {wanted} on a single node, and no node has it")
     if problems:
         problems.append("nodes: " + "; ".join(_node_summary(n) for n in nodes))
@@ -222,9 +227,10 @@ def describe_placement(cluster: "Cluster", timeout_s: float = 60.0) -> dict[str,
     requested and what its node advertises (``roles.json``; the multi-node tests read it)."""
     nodes = {n["NodeID"]: n for n in ray.nodes()}
     actors = [*cluster.learners, *cluster.rollout_workers, *cluster.teachers]
-    roles = [*cluster.roles, "buffer"]
-    bundles = [*cluster.bundles, {}]
-    selectors = [*cluster.label_selectors, {}]
+    pad = lambda items, fill: [*items, *[fill] * (len(actors) - len(items))][: len(actors)]  # noqa: E731
+    roles = [*pad(cluster.roles, "?"), "buffer"]
+    bundles = [*pad(cluster.bundles, {}), {}]
+    selectors = [*pad(cluster.label_selectors, {}), {}]
     reports = ray.get([a.__ray_call__.remote(_where) for a in [*actors, cluster.buffer]], timeout=timeout_s)
     out: dict[str, list[dict[str, Any]]] = {role: [] for role in (*ROLES, "buffer")}
     for index, (role, bundle, selector, (pid, node_id, node_ip)) in enumerate(
@@ -232,7 +238,7 @@ def describe_placement(cluster: "Cluster", timeout_s: float = 60.0) -> dict[str,
     ):
         node = nodes.get(node_id, {})
         resources = node.get("Resources", {})
-        out[role].append({
+        out.setdefault(role, []).append({
             "pid": pid,
             "bundle_index": index if role != "buffer" else None,
             "bundle": bundle,

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
-from correction_rl.sync import check_version, load_into_module
+from correction_rl.sync import check_version, load_into_module, unflatten
 from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
 
 
@@ -40,6 +40,7 @@ class HFGenerator:
         self._owns_model = isinstance(model_or_path, (str, Path))
         self._flat: list[torch.Tensor] = []  # parameter storage once re-homed (load_weights)
         self._flat_signature: tuple | None = None
+        self._adopted: WeightUpdate | None = None  # read-only buckets the parameters view
         if self._owns_model:
             self.model = load_model(model_or_path, dtype=dtype)
             tokenizer = tokenizer or load_tokenizer(model_or_path)
@@ -113,7 +114,10 @@ class HFGenerator:
         copy. A model object handed in by the caller is only ever copied into parameter by
         parameter (its storage may be shared with an optimizer or a learner)."""
         check_version(self.policy_version, update.version, "HFGenerator")
-        signature = (tuple(update.layout), tuple((b.numel(), b.dtype) for b in update.buckets))
+        signature = _signature(update)
+        if self._adopted is not None:  # parameters view read-only memory: own them again first
+            self._rehome(self._adopted)
+            self._flat_signature, self._adopted = _signature(self._adopted), None
         with torch.no_grad():
             if self._owns_model and signature == self._flat_signature:
                 for dst, src in zip(self._flat, update.buckets):
@@ -123,6 +127,38 @@ class HFGenerator:
                 if self._owns_model:
                     self._rehome(update)
                     self._flat_signature = signature
+        self.policy_version = update.version
+
+    def adopt_weights(self, update: WeightUpdate) -> None:
+        """Zero-copy load: the parameters become views into ``update``'s buckets, which this
+        generator then keeps alive until the next update.
+
+        For buckets nobody will write again — the read-only shared memory that Ray's object
+        store maps into a rollout worker (``correction_rl.distributed.weights``) — this makes
+        loading free: the only copy of a sync is the publisher's. Generation never writes the
+        parameters. Falls back to ``load_weights`` (a copy) when the generator does not own its
+        model or the buckets' device differs.
+        """
+        if not self._owns_model or any(b.device != self.device for b in update.buckets):
+            self.load_weights(update)
+            return
+        check_version(self.policy_version, update.version, "HFGenerator")
+        params = dict(self.model.named_parameters())
+        covered = set()
+        views = []
+        for name, view in unflatten(update):  # validates the layout against the buckets
+            param = params.get(name)
+            if param is None or tuple(param.shape) != tuple(view.shape) or param.dtype != view.dtype:
+                self.load_weights(update)  # a naming/shape/dtype mismatch: the copying path explains it
+                return
+            views.append((param, view))
+            covered.add(name)
+        if covered != set(params):
+            self.load_weights(update)
+            return
+        for param, view in views:
+            param.data = view
+        self._adopted, self._flat, self._flat_signature = update, [], None
         self.policy_version = update.version
 
     def _rehome(self, update: WeightUpdate) -> None:
@@ -135,3 +171,8 @@ class HFGenerator:
 
     def close(self) -> None:
         """Nothing to release; present so callers can treat every engine alike."""
+
+
+def _signature(update: WeightUpdate) -> tuple:
+    """Layout identity: same names, offsets, shapes and bucket sizes/dtypes."""
+    return tuple(update.layout), tuple((b.numel(), b.dtype) for b in update.buckets)

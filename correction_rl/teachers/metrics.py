@@ -9,7 +9,7 @@ requests so that they follow the endpoint's current behaviour.
 
 Names (all under ``teacher/``, docs/teachers.md and docs/metrics.md):
 
-* ``teacher/requests`` answered requests (retries included), ``teacher/corrections`` rollouts
+* ``teacher/requests`` answered requests (retries included), ``teacher/rollouts`` rollouts
   handled, ``teacher/accepted`` rollouts with a y', ``teacher/rejected/<reason>`` rollouts
   without one (final outcome, after the retry policy);
 * ``teacher/errors/<kind>`` every failed attempt (``http_429``, ``http_5xx``, ``timeout``,
@@ -99,7 +99,7 @@ class TeacherMetrics:
             accepted = self.counts["accepted"]
             out = {
                 f"{prefix}requests": float(self.counts["requests"]),
-                f"{prefix}corrections": float(self.counts["corrections"]),
+                f"{prefix}rollouts": float(self.counts["corrections"]),
                 f"{prefix}accepted": float(accepted),
                 f"{prefix}retries": float(self.counts["retries"]),
                 f"{prefix}circuit_open": float(self.counts["circuit_open"]),
