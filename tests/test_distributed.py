@@ -46,7 +46,7 @@ def test_async_run_writes_metrics_to_wandb_and_the_correction_log(tmp_path, ray_
     from correction_rl.correction_log import read
     from correction_rl.distributed.driver import run
 
-    cfg = system_config(tmp_path, warm_policy_dir, "async")
+    cfg = system_config(tmp_path, warm_policy_dir, "async", metrics__table_every_steps=2)
     result = run(cfg)
     assert result.steps == cfg.total_steps
 
@@ -57,7 +57,8 @@ def test_async_run_writes_metrics_to_wandb_and_the_correction_log(tmp_path, ray_
     logged = {key for row in history for key in row}
     for key in ("train/loss", "train/margin", "sync/seconds", "sync/gb_per_s",
                 "eval/greedy/correction_rate", "buffer/size", "buffer/batch_staleness_mean",
-                "system/pairs_per_s", "system/rollout_idle_fraction", "system/teacher_idle_fraction"):
+                "system/pairs_per_s", "system/rollout_idle_fraction", "system/teacher_idle_fraction",
+                "teacher/corrections"):
         assert key in logged, f"{key} missing from the W&B offline run"
     losses = [row["train/loss"] for row in history if "train/loss" in row]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
