@@ -67,6 +67,8 @@ def build_teacher(cfg: RunConfig) -> Teacher:
         return OracleTeacher()
     if cfg.teacher.kind in ("vllm", "http"):
         return build_llm_teacher(cfg)
+    if cfg.teacher.kind == "human":
+        return build_human_teacher(cfg)
     raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: unknown (allowed: oracle, vllm, http)")
 
 
@@ -103,7 +105,38 @@ def build_llm_teacher(cfg: RunConfig) -> Teacher:
     )
 
 
-def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | None = None) -> MetricSink:
+def build_human_teacher(cfg: RunConfig) -> Teacher:
+    """The human teacher over its SQLite queue, with the web app started unless ``human_serve``
+    is off (docs/human_teachers.md)."""
+    import os
+
+    from correction_rl.teachers.human.queue import CorrectionQueue
+    from correction_rl.teachers.human.teacher import HumanTeacher
+
+    t = cfg.teacher
+    db = Path(t.human_db)
+    queue = CorrectionQueue(db if db.is_absolute() else cfg.run_dir / db, lease_timeout_s=t.human_lease_s)
+    fallback = None
+    if t.human_fallback == "oracle":
+        from correction_rl.teachers.oracle import OracleTeacher
+
+        fallback = OracleTeacher()
+    server = None
+    if t.human_serve:
+        from correction_rl.teachers.human.app import create_app, parse_tokens, serve
+
+        spec = os.environ.get(t.human_tokens_env)
+        if not spec:
+            raise ValueError(f"teacher.human_tokens_env: environment variable {t.human_tokens_env} is not set "
+                             "(expected name=token[,name=token...])")
+        server = serve(create_app(queue, parse_tokens(spec), t.human_max_body_bytes), t.human_host, t.human_port)
+        print(f"human teacher: annotators open {server.url}/#token=<their token>", flush=True)
+    return HumanTeacher(queue, wait_s=t.human_wait_s, fallback=fallback, server=server)
+
+
+def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | None = None,
+               resume_id: str | None = None) -> MetricSink:
+    """``resume_id``: the W&B run id to continue (a resumed run, docs/reliability.md)."""
     from correction_rl.progress import ProgressSink  # live bar on a terminal, lines otherwise
 
     sinks: list[MetricSink] = [
@@ -111,7 +144,8 @@ def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | Non
         JsonlSink(run_dir / "metrics.jsonl"),
     ]
     if cfg.metrics.wandb_mode != "disabled":
-        sinks.append(WandbSink(cfg.metrics, run_dir, {**to_dict(cfg), **(extra_config or {})}))
+        sinks.append(WandbSink(cfg.metrics, run_dir, {**to_dict(cfg), **(extra_config or {})},
+                               resume_id=resume_id))
     return MultiSink(sinks)
 
 

@@ -82,8 +82,9 @@ class RolloutConfig:
 
 @section
 class TeacherConfig:
-    kind: Literal["oracle", "vllm", "http"] = "oracle"
-    """Who corrects: a program that knows the answer, a local vLLM model, or an HTTP endpoint."""
+    kind: Literal["oracle", "vllm", "http", "human"] = "oracle"
+    """Who corrects: a program that knows the answer, a local vLLM model, an HTTP endpoint, or
+    people in a web app (``human``, docs/human_teachers.md)."""
     timeout_s: float = 60.0
     """Per-request timeout; a timed-out correction is retried or dropped with reason ``timeout``."""
     max_retries: int = 2
@@ -135,6 +136,29 @@ class TeacherConfig:
     """``kind: vllm``: ``VLLM_CPU_KVCACHE_SPACE`` of the teacher engine (CPU build)."""
     vllm_gpu_memory_utilization: float = 0.3
     """``kind: vllm``: fraction of GPU memory the teacher engine may take."""
+    human_db: str = "human_queue.sqlite"
+    """``kind: human``: SQLite correction queue file; a relative path is under the run directory."""
+    human_host: str = "127.0.0.1"
+    """``kind: human``: address the web app binds (loopback by default; expose it through an
+    authenticating reverse proxy, docs/human_teachers.md)."""
+    human_port: int = 8765
+    """``kind: human``: web app port (0: a free port, printed at start)."""
+    human_serve: bool = True
+    """``kind: human``: start the web app in the training process (False: offline JSONL only)."""
+    human_tokens_env: str = "CORRECTION_RL_HUMAN_TOKENS"
+    """``kind: human``: environment variable with the annotators' access tokens,
+    ``name=token[,name=token...]`` (tokens >= 16 characters; never in config files or logs)."""
+    human_lease_s: float = 300.0
+    """``kind: human``: seconds an annotator holds an item before it is offered to someone else
+    (the open page renews it every 30 s)."""
+    human_wait_s: float = 600.0
+    """``kind: human``: longest a batch waits for its corrections; what is not corrected by then is
+    withdrawn and rejected (``timeout``) or sent to ``human_fallback``."""
+    human_fallback: Literal["none", "oracle"] = "none"
+    """``kind: human``: teacher for rollouts nobody corrected in time (``oracle``: the run keeps
+    going with the task's programmatic corrections)."""
+    human_max_body_bytes: int = 65536
+    """``kind: human``: largest request body the web app accepts (HTTP 413 above)."""
 
 
 @section
@@ -229,6 +253,9 @@ class SyncConfig:
     """Bucket size for flattened weights; messages per sync = model bytes / bucket size."""
     timeout_s: float = 120.0
     """Hard timeout of one sync; exceeding it raises instead of hanging."""
+    inject_load_delay_s: float = 0.0
+    """Fault injection (tests, drills): every Ray rollout worker sleeps this long inside each
+    ``load_weights`` call, so a sync exceeds ``timeout_s`` (docs/reliability.md). Keep 0."""
 
 
 @section
@@ -312,6 +339,20 @@ class ResourcesConfig:
 
 
 @section
+class CheckpointConfig:
+    every_steps: int = 10
+    """Write a checkpoint every n learner steps (0: only at exit); one is always written at the
+    end of the run and when SIGINT/SIGTERM stops it (docs/reliability.md)."""
+    keep: int = 2
+    """Checkpoints kept under ``<run_dir>/checkpoints`` (the newest); older ones are deleted.
+    Keep >= 2 so a corrupted newest checkpoint can fall back to the previous one."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: if the run directory holds a valid checkpoint, continue from it (the config
+    must agree in the fields resuming depends on); ``never``: start from step 0 even if
+    checkpoints exist (they are replaced as new ones are written)."""
+
+
+@section
 class RunConfig:
     name: str = "run"
     """Run name; outputs go to ``<output_dir>/<name>``."""
@@ -336,6 +377,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def run_dir(self) -> Path:

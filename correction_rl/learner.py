@@ -15,10 +15,12 @@ non-finite is skipped entirely (docs/learner.md).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -96,6 +98,26 @@ class _TorchBackend:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict:
+        """Model, AdamW moments and LR-schedule position: what an exact resume needs."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save(self, directory: Path, rank: int) -> None:
+        if rank == 0:
+            torch.save(self.state_dict(), directory / "learner.pt")
+
+    def load(self, directory: Path) -> None:
+        self.load_state_dict(torch.load(directory / "learner.pt", map_location="cpu", weights_only=False))
 
 
 def ensure_process_group(backend: str) -> None:
@@ -187,6 +209,18 @@ class _DeepSpeedBackend:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def save(self, directory: Path, rank: int) -> None:
+        """DeepSpeed's own checkpoint (every rank writes its ZeRO shard: a collective)."""
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory / "deepspeed"), tag="state",
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory / 'deepspeed'}: no DeepSpeed checkpoint 'state'")
 
 
 @dataclass
@@ -346,6 +380,42 @@ class Learner:
     def backend_forward_model(self):
         """What the forward pass is called on: DeepSpeed's engine (its hooks matter for ZeRO-3)."""
         return getattr(self.backend, "engine", self.backend.module)
+
+    # ------------------------------------------------------------------------------------------
+    def save_state(self, directory: str | Path, rank: int = 0) -> None:
+        """Everything an exact resume of the learner needs, into ``directory``: model, optimizer
+        and LR-scheduler state (``learner.pt``, or DeepSpeed's checkpoint under ``deepspeed/``
+        written by every rank), the policy version and counters, and the torch RNG state
+        (``learner.json`` / ``rng-rank<k>.pt``). Under DeepSpeed every rank must call it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(directory, rank)
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   directory / f"rng-rank{rank}.pt")
+        if rank == 0:
+            meta = {"version": self.version, "counters": asdict(self.counters), "backend": self.cfg.backend}
+            (directory / "learner.json").write_text(json.dumps(meta) + "\n")
+
+    def load_state(self, directory: str | Path, rank: int = 0) -> None:
+        """Restore what ``save_state`` wrote (same backend, ZeRO stage and world size)."""
+        directory = Path(directory)
+        meta = json.loads((directory / "learner.json").read_text())
+        if meta["backend"] != self.cfg.backend:
+            raise ValueError(f"{directory}: learner state of backend {meta['backend']!r}, "
+                             f"this learner is {self.cfg.backend!r} (learner.backend)")
+        self.backend.load(directory)
+        self.version = int(meta["version"])
+        self.counters = LearnerCounters(**meta["counters"])
+        rng_file = directory / f"rng-rank{rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def lr(self) -> float:
+        return self.backend.lr()
 
     # ------------------------------------------------------------------------------------------
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

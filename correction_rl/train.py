@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from correction_rl.config import ConfigError, RunConfig, load_config
 
@@ -17,6 +18,22 @@ def run_training(cfg: RunConfig):
     return run(cfg)
 
 
+def resume_config_path(run_dir: str, config: str | None) -> str:
+    """The base config of ``--resume RUN_DIR``; refuses a directory without a checkpoint."""
+    from correction_rl.checkpoint import list_checkpoints
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
+    if not list_checkpoints(path):
+        raise ConfigError(f"--resume {run_dir}: no checkpoints under {path / 'checkpoints'}")
+    if config is not None:
+        return config
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml (pass --config)")
+    return str(path / "config.yaml")
+
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="correction-rl train",
@@ -25,15 +42,34 @@ def cli(argv: list[str]) -> int:
     )
     parser.add_argument("--config", help="YAML run config (defaults apply where it is silent)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its newest valid checkpoint (its "
+                        "config.yaml is the base config unless --config is given; docs/reliability.md)")
     args, overrides = parser.parse_known_args(argv)
+    config_path = args.config
     try:
         if args.ray_address:
             overrides += ["--resources.ray_address", args.ray_address]
-        cfg = load_config(args.config, overrides)
+        if args.resume:
+            config_path = resume_config_path(args.resume, args.config)
+            run_dir = Path(args.resume).resolve()
+            overrides += ["--output_dir", str(run_dir.parent), "--name", run_dir.name,
+                          "--checkpoint.resume", "auto"]
+        cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run_training(cfg)
+    from correction_rl.checkpoint import CheckpointError
+    from correction_rl.loop import RunInterrupted
+
+    try:
+        result = run_training(cfg)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + (15 if exc.signame == "SIGTERM" else 2)
     print(result.comparison_table())
     print(f"run directory: {result.run_dir}")
     return 0

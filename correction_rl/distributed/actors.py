@@ -103,12 +103,25 @@ class RolloutWorker:
 
         with self.lock:
             start = time.perf_counter()
+            if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
+                time.sleep(self.cfg.sync.inject_load_delay_s)
             update = from_transport(update)
             # Engines that can keep the mapped, read-only buckets skip the copy (docs/rollout.md).
             adopt = getattr(self.generator, "adopt_weights", None)
             (adopt or self.generator.load_weights)(update)
             self.clock.add(time.perf_counter() - start)
             return self.generator.policy_version
+
+    def state_dict(self) -> dict[str, Any]:
+        """Prompt-stream position and sampling-call count (checkpoint). Lock-free on purpose:
+        a checkpoint after a stalled sync must not wait for the stalled ``load_weights``."""
+        return {"stream": self.stream.state_dict(), "calls": self.calls, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            self.stream.load_state_dict(state["stream"])
+            self.calls = int(state["calls"])
+            self.tokens = int(state.get("tokens", 0))
 
     def greedy(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
         from correction_rl.types import Sampling
@@ -242,6 +255,14 @@ class BufferActor:
     def metrics(self) -> dict[str, float]:
         return self.buffer.stats().as_metrics()
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> dict[str, int]:
+        """Restore a checkpointed buffer; pairs logged after the checkpoint are admitted too."""
+        result = self.buffer.load_state_dict(state)
+        return {"logged": result.logged, "admitted": result.admitted, "size": len(self.buffer)}
+
     def close(self) -> None:
         self.buffer.close()
 
@@ -306,6 +327,14 @@ class LearnerRank:
         }
 
     def version(self) -> int:
+        return self.learner.version
+
+    def save_state(self, path: str) -> None:
+        """Checkpoint (every rank: DeepSpeed writes each rank's ZeRO shard)."""
+        self.learner.save_state(path, rank=self.rank)
+
+    def load_state(self, path: str) -> int:
+        self.learner.load_state(path, rank=self.rank)
         return self.learner.version
 
     def save_pretrained(self, path: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class VLLMTeacher:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self._calls = 0
+        self._lock = threading.Lock()  # one caller steps the engine at a time (threaded actors)
 
     def __repr__(self) -> str:
         return f"VLLMTeacher(model_path={self.model_path!r}, max_concurrency={self.max_concurrency})"
@@ -108,6 +110,10 @@ class VLLMTeacher:
     # --- the Teacher protocol ------------------------------------------------------------
 
     def correct(self, rollouts: Sequence[Rollout]) -> list[Correction]:
+        with self._lock:
+            return self._correct(rollouts)
+
+    def _correct(self, rollouts: Sequence[Rollout]) -> list[Correction]:
         start = time.perf_counter()
         self._calls += 1
         results: list[Correction | None] = [None] * len(rollouts)

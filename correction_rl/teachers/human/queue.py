@@ -1,0 +1,302 @@
+"""The durable correction queue: rollouts wait in SQLite until one annotator corrects them.
+
+Why SQLite: one file, transactions, and a commit that is on disk before we tell the browser
+"saved" — enough for the handful of annotators one machine serves (docs/human_teachers.md says
+how to scale past it). Every state change is one ``BEGIN IMMEDIATE`` transaction, so several
+web-server threads, the training process and an offline import can share the file.
+
+Leases: ``lease()`` hands an item to exactly one annotator until ``lease_expires``; an item whose
+lease ran out (closed tab, lost laptop) is offered again. ``complete()`` only succeeds for the
+annotator holding the current lease, so an item is stored exactly once even when a stale tab
+submits after its lease was handed to someone else.
+
+States: ``pending`` -> ``leased`` -> ``done``; ``skip()`` returns a leased item to ``pending``
+(never offered to that annotator again); ``cancel()`` (the teacher stopped waiting) makes it
+``cancelled``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from correction_rl.types import Rollout
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY,
+    prompt_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    response TEXT NOT NULL,
+    task TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'pending',
+    enqueued_at REAL NOT NULL,
+    lease_owner TEXT,
+    leased_at REAL,
+    lease_expires REAL,
+    leases INTEGER NOT NULL DEFAULT 0,
+    corrected TEXT,
+    annotator TEXT,
+    done_at REAL,
+    edit_distance INTEGER
+);
+CREATE INDEX IF NOT EXISTS items_state ON items(state, enqueued_at);
+CREATE TABLE IF NOT EXISTS skips (
+    item_id TEXT NOT NULL,
+    annotator TEXT NOT NULL,
+    PRIMARY KEY (item_id, annotator)
+);
+"""
+
+OPEN_STATES = ("pending", "leased")
+
+
+class QueueError(RuntimeError):
+    """A request the queue cannot honour (unknown item, lease not held); the message says why."""
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    prompt_id: str
+    prompt: str
+    response: str
+    task: str
+    state: str
+    enqueued_at: float
+    lease_owner: str | None = None
+    leased_at: float | None = None
+    lease_expires: float | None = None
+    leases: int = 0
+    corrected: str | None = None
+    annotator: str | None = None
+    done_at: float | None = None
+    edit_distance: int | None = None
+
+    def public(self) -> dict:
+        """What an annotator's page may see (no other annotator's names)."""
+        return {"item_id": self.item_id, "prompt": self.prompt, "response": self.response,
+                "task": self.task, "lease_expires": self.lease_expires}
+
+
+class CorrectionQueue:
+    """Thread-safe handle on one queue file (one connection per thread, WAL journal)."""
+
+    def __init__(self, path: str | Path, lease_timeout_s: float = 300.0) -> None:
+        if lease_timeout_s <= 0:
+            raise ValueError(f"lease_timeout_s={lease_timeout_s}: must be > 0")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lease_timeout_s = float(lease_timeout_s)
+        self._local = threading.local()
+        with self._tx() as db:
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+
+    # -- connection plumbing -----------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # committed == on disk, before "saved"
+            self._local.conn = conn
+        return conn
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> "_Tx":
+        return self._Tx(self._conn())
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @staticmethod
+    def _item(row: sqlite3.Row | None) -> Item | None:
+        return Item(**dict(row)) if row is not None else None
+
+    # -- producer side (the teacher) ---------------------------------------------------------
+
+    def enqueue(self, rollouts: Sequence[Rollout], now: float | None = None) -> list[str]:
+        """Adds one item per rollout; returns their ids, in order."""
+        now = time.time() if now is None else now
+        ids = [uuid.uuid4().hex for _ in rollouts]
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO items (item_id, prompt_id, prompt, response, task, enqueued_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(i, r.prompt.prompt_id, r.prompt.text, r.response_text, r.prompt.task, now + k * 1e-6)
+                 for k, (i, r) in enumerate(zip(ids, rollouts))],
+            )
+        return ids
+
+    def get(self, item_id: str) -> Item | None:
+        return self._item(self._conn().execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone())
+
+    def done(self, item_ids: Iterable[str]) -> dict[str, Item]:
+        """The finished items among ``item_ids``."""
+        ids = list(item_ids)
+        out: dict[str, Item] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self._conn().execute(
+                f"SELECT * FROM items WHERE state='done' AND item_id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            out.update({r["item_id"]: self._item(r) for r in rows})
+        return out
+
+    def cancel(self, item_ids: Iterable[str]) -> int:
+        """Withdraws still-open items (the teacher stopped waiting); returns how many. A done item
+        stays done: the check and the update are one transaction, so no correction is lost."""
+        ids = list(item_ids)
+        with self._tx() as db:
+            n = 0
+            for item_id in ids:
+                n += db.execute(
+                    "UPDATE items SET state='cancelled', lease_owner=NULL WHERE item_id=? AND state IN ('pending','leased')",
+                    (item_id,),
+                ).rowcount
+        return n
+
+    # -- annotator side (the web app, offline import) -------------------------------------------
+
+    def lease(self, annotator: str, now: float | None = None) -> Item | None:
+        """The oldest open item this annotator has not skipped, leased to them; None when none.
+
+        An annotator who still holds an unexpired lease gets that same item back (a reloaded
+        page resumes where it was, instead of leaking a second lease)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM items WHERE state='leased' AND lease_owner=? AND lease_expires>? "
+                "ORDER BY enqueued_at LIMIT 1", (annotator, now),
+            ).fetchone()
+            if row is not None:
+                return self._item(row)
+            row = db.execute(
+                "SELECT * FROM items WHERE (state='pending' OR (state='leased' AND lease_expires<=?)) "
+                "AND item_id NOT IN (SELECT item_id FROM skips WHERE annotator=?) "
+                "ORDER BY enqueued_at LIMIT 1", (now, annotator),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE items SET state='leased', lease_owner=?, leased_at=?, lease_expires=?, leases=leases+1 "
+                "WHERE item_id=?", (annotator, now, now + self.lease_timeout_s, row["item_id"]),
+            )
+            return self._item(db.execute("SELECT * FROM items WHERE item_id=?", (row["item_id"],)).fetchone())
+
+    def _held(self, db: sqlite3.Connection, item_id: str, annotator: str, now: float) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone()
+        if row is None:
+            raise QueueError(f"item {item_id!r}: unknown")
+        if row["state"] != "leased" or row["lease_owner"] != annotator:
+            raise QueueError(f"item {item_id!r}: not leased to {annotator!r} (state {row['state']}); "
+                             "its lease expired and it went to someone else, or it was withdrawn")
+        return row
+
+    def renew(self, item_id: str, annotator: str, now: float | None = None) -> float:
+        """Extends the caller's lease (the page does this while the annotator is editing)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            self._held(db, item_id, annotator, now)
+            expires = now + self.lease_timeout_s
+            db.execute("UPDATE items SET lease_expires=? WHERE item_id=?", (expires, item_id))
+        return expires
+
+    def complete(self, item_id: str, annotator: str, corrected: str, now: float | None = None) -> Item:
+        """Stores y' for the item the caller holds; committed (on disk) when this returns.
+
+        A lease that expired but was not yet taken by anyone else still counts: the work is not
+        thrown away. A lease taken over by another annotator raises ``QueueError``."""
+        from correction_rl.edits import edit_distance
+
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = self._held(db, item_id, annotator, now)
+            db.execute(
+                "UPDATE items SET state='done', corrected=?, annotator=?, done_at=?, edit_distance=?, "
+                "lease_owner=NULL WHERE item_id=?",
+                (corrected, annotator, now, edit_distance(row["response"], corrected), item_id),
+            )
+        return self.get(item_id)  # type: ignore[return-value]
+
+    def skip(self, item_id: str, annotator: str, now: float | None = None) -> None:
+        """Gives the item back for someone else; this annotator is not offered it again."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            self._held(db, item_id, annotator, now)
+            db.execute("INSERT OR IGNORE INTO skips (item_id, annotator) VALUES (?, ?)", (item_id, annotator))
+            db.execute("UPDATE items SET state='pending', lease_owner=NULL, lease_expires=NULL WHERE item_id=?",
+                       (item_id,))
+
+    def import_correction(self, item_id: str, annotator: str, corrected: str, now: float | None = None) -> Item:
+        """Offline import: stores y' for an open item regardless of leases (the file is the
+        authority); raises ``QueueError`` for unknown, done or withdrawn items."""
+        from correction_rl.edits import edit_distance
+
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone()
+            if row is None:
+                raise QueueError(f"item {item_id!r}: unknown")
+            if row["state"] not in OPEN_STATES:
+                raise QueueError(f"item {item_id!r}: already {row['state']}")
+            db.execute(
+                "UPDATE items SET state='done', corrected=?, annotator=?, done_at=?, edit_distance=?, "
+                "lease_owner=NULL WHERE item_id=?",
+                (corrected, annotator, now, edit_distance(row["response"], corrected), item_id),
+            )
+        return self.get(item_id)  # type: ignore[return-value]
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def open_items(self) -> list[Item]:
+        rows = self._conn().execute(
+            "SELECT * FROM items WHERE state IN ('pending','leased') ORDER BY enqueued_at").fetchall()
+        return [self._item(r) for r in rows]  # type: ignore[misc]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM items GROUP BY state").fetchall()
+        out = {s: 0 for s in ("pending", "leased", "done", "cancelled")}
+        out.update({r["state"]: r["n"] for r in rows})
+        return out
+
+    def depth(self) -> int:
+        """Items waiting for a correction (pending or leased)."""
+        c = self.counts()
+        return c["pending"] + c["leased"]
+
+    def annotator_stats(self) -> dict[str, dict[str, float]]:
+        """Per annotator: corrections, mean edit distance, mean time from lease to save."""
+        rows = self._conn().execute(
+            "SELECT annotator, COUNT(*) AS n, AVG(edit_distance) AS ed, AVG(done_at - leased_at) AS ttc "
+            "FROM items WHERE state='done' GROUP BY annotator").fetchall()
+        return {r["annotator"]: {"corrections": float(r["n"]), "edit_distance_mean": float(r["ed"] or 0.0),
+                                 "time_to_correct_s_mean": float(r["ttc"] or 0.0)} for r in rows}
+
+    def progress(self, annotator: str) -> dict[str, int]:
+        mine = self._conn().execute(
+            "SELECT COUNT(*) FROM items WHERE state='done' AND annotator=?", (annotator,)).fetchone()[0]
+        c = self.counts()
+        return {"done_by_you": int(mine), "done": c["done"], "open": c["pending"] + c["leased"]}
+

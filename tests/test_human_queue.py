@@ -1,0 +1,146 @@
+"""The human teacher's durable SQLite queue and its offline JSONL mode: leases, lease expiry,
+exactly-once saves, durability across a reopen, and import errors that name file:line."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from correction_rl.teachers.human.offline import CorrectionImportError, export_pending, import_corrections
+from correction_rl.teachers.human.queue import CorrectionQueue, QueueError
+from correction_rl.teachers.human.teacher import HumanTeacher
+from correction_rl.types import Prompt, Rollout
+
+
+def rollouts(texts: list[str]) -> list[Rollout]:
+    return [Rollout(prompt=Prompt(prompt_id=f"p{k}", text=f"What is {k}+{k}?", task="addition", answer=str(2 * k)),
+                    prompt_ids=[1, 2], response_ids=[3], response_text=t, policy_version=0)
+            for k, t in enumerate(texts)]
+
+
+def test_lease_expires_and_the_item_is_offered_again_and_stored_once(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite", lease_timeout_s=10)
+    (item_id,) = q.enqueue(rollouts(["4"]), now=0.0)
+    first = q.lease("alice", now=1.0)
+    assert first.item_id == item_id and first.lease_expires == 11.0
+    assert q.lease("bob", now=5.0) is None  # alice's lease still runs
+    assert q.lease("alice", now=6.0).item_id == item_id  # reload resumes the same lease
+    second = q.lease("bob", now=12.0)  # expired: offered again
+    assert second.item_id == item_id and second.leases == 2
+    with pytest.raises(QueueError, match="not leased to 'alice'"):
+        q.complete(item_id, "alice", "stale tab", now=13.0)
+    saved = q.complete(item_id, "bob", "2", now=14.0)
+    assert (saved.state, saved.corrected, saved.annotator, saved.edit_distance) == ("done", "2", "bob", 1)
+    with pytest.raises(QueueError):
+        q.complete(item_id, "bob", "again", now=15.0)
+    assert q.counts() == {"pending": 0, "leased": 0, "done": 1, "cancelled": 0}
+
+
+def test_expired_but_untaken_lease_still_saves_and_skip_moves_item_on(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite", lease_timeout_s=1)
+    a, b = q.enqueue(rollouts(["1", "2"]), now=0.0)
+    assert q.lease("alice", now=0.0).item_id == a
+    assert q.complete(a, "alice", "0", now=50.0).state == "done"  # nobody took it: work kept
+    assert q.lease("alice", now=51.0).item_id == b
+    q.skip(b, "alice", now=51.5)
+    assert q.lease("alice", now=52.0) is None  # never offered back to who skipped it
+    assert q.lease("bob", now=52.0).item_id == b
+
+
+def test_concurrent_annotators_never_share_an_item(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite", lease_timeout_s=600)
+    q.enqueue(rollouts([str(k) for k in range(60)]))
+    got: dict[str, list[str]] = {}
+
+    def work(name: str) -> None:
+        mine = got.setdefault(name, [])
+        while (item := q.lease(name)) is not None:
+            mine.append(item.item_id)
+            q.complete(item.item_id, name, item.response + "!")
+        q.close()
+
+    threads = [threading.Thread(target=work, args=(f"a{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    all_ids = [i for ids in got.values() for i in ids]
+    assert len(all_ids) == 60 and len(set(all_ids)) == 60
+    assert q.counts()["done"] == 60
+    assert sum(s["corrections"] for s in q.annotator_stats().values()) == 60
+
+
+def test_saved_corrections_survive_reopening_the_queue(tmp_path):
+    path = tmp_path / "q.sqlite"
+    q = CorrectionQueue(path)
+    ids = q.enqueue(rollouts(["5", "7"]))
+    item = q.lease("alice")
+    q.complete(item.item_id, "alice", "0")
+    q.close()
+    again = CorrectionQueue(path)
+    done = again.done(ids)
+    assert list(done) == [ids[0]] and done[ids[0]].corrected == "0"
+    assert [i.item_id for i in again.open_items()] == [ids[1]]
+
+
+def test_teacher_times_out_withdraws_and_counts_and_uses_the_fallback(tmp_path):
+    from correction_rl.teachers.oracle import OracleTeacher
+
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    teacher = HumanTeacher(q, wait_s=0.3, poll_s=0.05)
+    out = teacher.correct(rollouts(["1", "3"]))
+    assert [c.rejection for c in out] == ["timeout", "timeout"]
+    assert q.counts()["cancelled"] == 2 and q.depth() == 0
+    m = teacher.metrics()
+    assert m["teacher/human/rejected/timeout"] == 2 and m["teacher/human/queue_depth"] == 0
+
+    backed = HumanTeacher(q, wait_s=0.2, poll_s=0.05, fallback=OracleTeacher())
+    out = backed.correct(rollouts(["1", "3"]))  # answers of 0+0 and 1+1
+    assert [(c.corrected_text, c.teacher) for c in out] == [("0", "oracle"), ("2", "oracle")]
+    assert backed.metrics()["teacher/human/fallback"] == 2
+
+
+def test_offline_export_then_import_feeds_the_waiting_teacher(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    teacher = HumanTeacher(q, wait_s=20, poll_s=0.05)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.extend(teacher.correct(rollouts(["1", "9"]))))
+    worker.start()
+    out = tmp_path / "pending.jsonl"
+    while export_pending(q, out) < 2:
+        pass
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"] for r in lines] == ["1", "9"] and lines[1]["prompt"] == "What is 1+1?"
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"item_id": r["item_id"], "corrected": str(2 * k), "annotator": "carol"})
+                               + "\n" for k, r in enumerate(lines)))
+    assert import_corrections(q, answers).stored == 2
+    worker.join(20)
+    assert [c.corrected_text for c in result] == ["0", "2"]
+    assert teacher.metrics()["teacher/human/edit_distance_mean/carol"] == 1.0
+
+
+def test_import_names_file_and_line_of_every_bad_line_and_stores_nothing(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    good, done = q.enqueue(rollouts(["1", "2"]))
+    q.import_correction(done, "x", "2")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([
+        json.dumps({"item_id": good, "corrected": "0"}),
+        "{not json",
+        json.dumps({"item_id": good, "corrected": 3}),
+        json.dumps({"item_id": "nope", "corrected": "1"}),
+        json.dumps({"item_id": done, "corrected": "1"}),
+        json.dumps({"item_id": good, "corected": "1"}),
+        json.dumps({"item_id": good, "corrected": "1"}),
+    ]) + "\n")
+    with pytest.raises(CorrectionImportError) as err:
+        import_corrections(q, bad)
+    errors = err.value.errors
+    assert [e.split(": ")[0] for e in errors] == [f"{bad}:{n}" for n in (2, 3, 4, 5, 6, 7)]
+    assert "not JSON" in errors[0] and "'corrected' must be a string" in errors[1]
+    assert "not in the queue" in errors[2] and "already done" in errors[3]
+    assert "unknown field(s) ['corected']" in errors[4] and "already corrected on line 1" in errors[5]
+    assert q.get(good).state == "pending"  # nothing stored
