@@ -69,7 +69,7 @@ def build_teacher(cfg: RunConfig) -> Teacher:
         return build_llm_teacher(cfg)
     if cfg.teacher.kind == "human":
         return build_human_teacher(cfg)
-    raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: unknown (allowed: oracle, vllm, http)")
+    raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: unknown (allowed: oracle, vllm, http, human)")
 
 
 def build_llm_teacher(cfg: RunConfig) -> Teacher:
@@ -132,6 +132,15 @@ def build_human_teacher(cfg: RunConfig) -> Teacher:
         server = serve(create_app(queue, parse_tokens(spec), t.human_max_body_bytes), t.human_host, t.human_port)
         print(f"human teacher: annotators open {server.url}/#token=<their token>", flush=True)
     return HumanTeacher(queue, wait_s=t.human_wait_s, fallback=fallback, server=server)
+
+
+def build_eval_teacher(cfg: RunConfig) -> Teacher:
+    """The teacher that measures held-out correction (``eval.teacher``)."""
+    if cfg.eval.teacher == "oracle":
+        from correction_rl.teachers.oracle import OracleTeacher
+
+        return OracleTeacher()
+    return build_teacher(cfg)
 
 
 def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | None = None,

@@ -266,6 +266,10 @@ class EvalConfig:
     """Held-out prompts per task per evaluation."""
     sampled: bool = True
     """Also evaluate with sampled decoding (at the rollout temperature), not only greedy."""
+    teacher: Literal["oracle", "run"] = "oracle"
+    """Who measures held-out correction: the task oracle (free, exact; the default) or the run's
+    own teacher (``run``: for prompts without an oracle; costs teacher calls, and a human teacher
+    would be asked to correct held-out items too)."""
 
 
 @section

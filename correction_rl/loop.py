@@ -26,6 +26,7 @@ from typing import Any
 from correction_rl.buffer import ReplayBuffer
 from correction_rl.components import (
     buffer_config,
+    build_eval_teacher,
     build_generator,
     build_sink,
     build_teacher,
@@ -204,7 +205,7 @@ def held_out_eval(system: System) -> EvalReport:
     return evaluate(
         system.generator,
         system.eval_prompts,
-        system.teacher,
+        system.teacher if cfg.eval.teacher == "run" else build_eval_teacher(cfg),
         rollout_sampling(cfg, seed=cfg.seed),
         policy_model=system.learner.model,
         init_model=system.init_model,

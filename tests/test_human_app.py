@@ -143,7 +143,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[int]) -> None:
+def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[int], pause_s: float = 0.0) -> None:
     """Answers every item with the oracle's minimal correction, through the HTTP API only."""
     from correction_rl.tasks import get_task
 
@@ -163,6 +163,7 @@ def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[
                        headers=auth(token, **POST))
             assert r.status_code == 200, r.text
             saved.append(r.json()["edit_distance"])
+            time.sleep(pause_s)  # leave some items to the (slower) person in the browser
 
 
 @pytest.mark.slow
@@ -186,9 +187,21 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
         "metrics": {"wandb_mode": "disabled", "console_every_steps": 1},
     })
     stop = threading.Event()
-    saved: dict[str, list[int]] = {"alice": [], "bob": []}
-    workers = [threading.Thread(target=scripted_annotator, args=(f"http://127.0.0.1:{port}", tok, stop, saved[name]),
-                                daemon=True) for name, tok in (("alice", ALICE), ("bob", BOB))]
+    saved: dict[str, list] = {"alice": [], "bob": []}
+    errors: list[BaseException] = []
+    proc, ws_url = start_chromium(tmp_path / "profile")
+
+    def browser() -> None:
+        import asyncio
+
+        try:
+            asyncio.run(browser_annotator(ws_url, f"http://127.0.0.1:{port}/#token={ALICE}", stop, saved["alice"]))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=browser, daemon=True),
+               threading.Thread(target=scripted_annotator, args=(f"http://127.0.0.1:{port}", BOB, stop, saved["bob"], 0.5),
+                                daemon=True)]
     for w in workers:
         w.start()
     try:
@@ -197,6 +210,10 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
         stop.set()
         for w in workers:
             w.join(15)
+        proc.terminate()
+        proc.wait(15)
+    assert not errors, errors
+    assert saved["alice"], "the person in the browser corrected nothing"
     run_dir = cfg.run_dir
     assert result is not None
     logged = [json.loads(line) for line in (run_dir / "corrections.jsonl").read_text().splitlines()]
@@ -212,6 +229,22 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
     # every save through the API was stored exactly once (held-out evaluation also asks the teacher)
     done = CorrectionQueue(run_dir / "human_queue.sqlite").counts()["done"]
     assert done == len(saved["alice"]) + len(saved["bob"]) >= len(pairs)
+
+
+def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
+    """Headless Chromium with its DevTools endpoint on loopback; returns it and the endpoint."""
+    import re
+
+    proc = subprocess.Popen([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}",
+                             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if m := re.search(r"DevTools listening on (ws://\S+)", line):
+            return proc, m.group(1)
+    proc.terminate()
+    raise AssertionError("chromium did not print its DevTools address")
 
 
 class DevTools:
@@ -253,18 +286,55 @@ class DevTools:
                             windowsVirtualKeyCode=vk, modifiers=modifiers)
 
 
+async def new_page(ws_url: str) -> str:
+    """Opens a tab; returns its DevTools websocket address."""
+    import websockets
+
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        target = await DevTools(ws).call("Target.createTarget", url="about:blank")
+    return ws_url.rsplit("/devtools/", 1)[0] + f"/devtools/page/{target['targetId']}"
+
+
+async def browser_annotator(ws_url: str, page_url: str, stop: threading.Event, saved: list[str]) -> None:
+    """A person in Chromium: reads each item, types the oracle's minimal correction over the
+    response (or presses "correct as is"), and submits with the keyboard."""
+    import asyncio
+
+    import websockets
+
+    from correction_rl.tasks import get_task
+
+    async with websockets.connect(await new_page(ws_url), max_size=None) as ws:
+        page = DevTools(ws)
+        await page.call("Page.navigate", url=page_url)
+        while not stop.is_set():
+            if not await page.js("!document.getElementById('work').hidden"):
+                await asyncio.sleep(0.2)
+                continue
+            shown = await page.js("document.body.dataset.item")
+            prompt = await page.js("document.getElementById('prompt').textContent")
+            response = await page.js("document.getElementById('edit').value")
+            task = (await page.js("document.getElementById('task').textContent")).removeprefix("task: ")
+            fixed = get_task(task).minimal_correction(Prompt(prompt_id="b", text=prompt, task=task), response)
+            await page.js("document.getElementById('status').textContent = ''; true")
+            if fixed == response:
+                await page.key("a", "KeyA", 65, modifiers=1)  # Alt+A: correct as is
+            else:
+                await page.js("const e = document.getElementById('edit'); e.focus(); e.select(); true")
+                await page.call("Input.insertText", text=fixed)
+                await page.key("Enter", "Enter", 13, modifiers=2)  # Ctrl+Enter: submit
+            status = await page.wait_for("document.getElementById('status').textContent")
+            assert status.startswith("saved"), status
+            saved.append(fixed)
+            await page.wait_for(f"document.body.dataset.item !== {json.dumps(shown)}")
+
+
 async def _drive_page(ws_url: str, page_url: str, screenshot: Path) -> dict:
     import base64
 
     import websockets
 
-    async with websockets.connect(ws_url, max_size=None) as ws:
-        browser = DevTools(ws)
-        target = await browser.call("Target.createTarget", url="about:blank")
-        session = await browser.call("Target.attachToTarget", targetId=target["targetId"], flatten=False)
-        page_ws = ws_url.rsplit("/devtools/", 1)[0] + f"/devtools/page/{target['targetId']}"
-    del session
-    async with websockets.connect(page_ws, max_size=None) as ws:
+    async with websockets.connect(await new_page(ws_url), max_size=None) as ws:
         page = DevTools(ws)
         await page.call("Emulation.setDeviceMetricsOverride", width=900, height=640, deviceScaleFactor=1, mobile=False)
         await page.call("Page.navigate", url=page_url)
@@ -297,17 +367,8 @@ def test_annotator_edits_and_submits_in_headless_chromium(app_server, tmp_path):
     queue, server = app_server
     queue.lease_timeout_s = 60.0
     first, second = queue.enqueue(rollouts(["12 + 4 = 15", EVIL]))
-    proc = subprocess.Popen([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'cdp-profile'}",
-                             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, ws_url = start_chromium(tmp_path / "cdp-profile")
     try:
-        ws_url = None
-        deadline = time.monotonic() + 30
-        while ws_url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if m := re.search(r"DevTools listening on (ws://\S+)", line):
-                ws_url = m.group(1)
-        assert ws_url, "chromium did not print its DevTools address"
         shot = tmp_path / "human_teacher.png"
         seen = asyncio.run(asyncio.wait_for(_drive_page(ws_url, f"{server.url}/#token={ALICE}", shot), 60))
     finally:

@@ -18,7 +18,13 @@ from typing import Any, Sequence
 import ray
 
 from correction_rl.buffer import ReplayBuffer
-from correction_rl.components import buffer_config, build_generator, build_teacher, rollout_sampling
+from correction_rl.components import (
+    buffer_config,
+    build_eval_teacher,
+    build_generator,
+    build_teacher,
+    rollout_sampling,
+)
 from correction_rl.config import RunConfig
 from correction_rl.correction_log import CorrectionLog
 from correction_rl.prompt_stream import PromptStream
@@ -147,7 +153,7 @@ class RolloutWorker:
             return evaluate(
                 self.generator,
                 prompts,
-                build_teacher(self.cfg),
+                build_eval_teacher(self.cfg),
                 rollout_sampling(self.cfg, seed=self.cfg.seed),
                 policy_model=policy_model,
                 init_model=self.init_model,

@@ -39,6 +39,19 @@ def _get(refs, timeout: float, what: str):
         raise TimeoutError(f"{what} did not finish within {timeout:.0f} s") from None
 
 
+def _while_restarting(call, what: str, timeout: float):
+    """``call()``, retried while an actor it touches is being restarted by Ray (calls to a
+    restarting actor fail with ``ActorUnavailableError`` instead of waiting); bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: an actor was still restarting after {timeout:.0f} s") from None
+            time.sleep(1.0)
+
+
 class Driver:
     def __init__(self, cfg: RunConfig, cluster: Cluster, eval_prompts):
         self.cfg = cfg
@@ -68,6 +81,11 @@ class Driver:
         return stats[0]
 
     def sync_weights(self) -> SyncReport:
+        """``_sync_weights``, repeated (same version: idempotent) if a rollout worker was
+        restarting; a stalled one still raises ``SyncTimeout``."""
+        return _while_restarting(self._sync_weights, "weight sync", self.cfg.resources.start_timeout_s)
+
+    def _sync_weights(self) -> SyncReport:
         """Rank 0 publishes the buckets once; every rollout worker loads them; hard deadline."""
         start = time.perf_counter()
         exports = [r.export.remote() for r in self.cluster.learners]
@@ -90,12 +108,15 @@ class Driver:
 
     def evaluate(self) -> EvalReport:
         worker = self.cluster.rollout_workers[0]
-        return _get(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation")
+        return _while_restarting(lambda: _get(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation"),
+                                 "held-out evaluation", self.cfg.resources.start_timeout_s)
 
     def role_metrics(self) -> dict[str, float]:
         actors = [*self.cluster.rollout_workers, *self.cluster.teachers, *self.cluster.learners]
         out: dict[str, float] = {}
-        for metrics in _get([a.metrics.remote() for a in actors], self.timeout, "metrics"):
+        gathered = _while_restarting(lambda: _get([a.metrics.remote() for a in actors], self.timeout, "metrics"),
+                                     "metrics", self.cfg.resources.start_timeout_s)
+        for metrics in gathered:
             out.update(metrics)
         out.update(_get(self.cluster.buffer.metrics.remote(), self.timeout, "buffer metrics"))
         wall = time.perf_counter() - self.started
@@ -108,6 +129,9 @@ class Driver:
 
     # -- fault tolerance ----------------------------------------------------------------------
     def actor_pids(self) -> dict[str, list[int]]:
+        return _while_restarting(self._actor_pids, "actor pids", self.cfg.resources.start_timeout_s)
+
+    def _actor_pids(self) -> dict[str, list[int]]:
         c = self.cluster
         return {
             "rollout": _get([w.pid.remote() for w in c.rollout_workers], self.timeout, "rollout worker pids"),

@@ -75,6 +75,7 @@ function renderDiff() {
 
 function show(next) {
   item = next;
+  document.body.dataset.item = item ? item.item_id : "";  // which item is on screen (for tests, tools)
   clearInterval(renewTimer);
   clearTimeout(pollTimer);
   $("work").hidden = !item;
@@ -83,6 +84,7 @@ function show(next) {
     pollTimer = setTimeout(loadNext, 3000);
     return;
   }
+  $("task").textContent = item.task ? "task: " + item.task : "";
   $("prompt").textContent = item.prompt;
   $("edit").value = item.response;
   renderDiff();
