@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The loop settings used for the figures in docs/benchmarks.md.
 DEFAULTS = [
     "--mode", "inprocess", "--total_steps", "100", "--eval.every_steps", "0",
-    "--objective.form", "dpo", "--objective.beta", "0.1", "--objective.noop_policy", "drop",
+    "--objective.form", "logistic", "--objective.beta", "0.5", "--objective.anchor_weight", "1.0",
+    "--objective.noop_policy", "anchor_only",
     "--learner.backend", "torch", "--learner.lr", "3e-4", "--learner.micro_batch_pairs", "64",
     "--rollout.batch_size", "128", "--rollout.max_new_tokens", "24",
     "--buffer.min_fresh_pairs", "64", "--metrics.wandb_mode", "disabled",
@@ -51,6 +52,7 @@ def main() -> None:
                     DEFAULTS + [
                         "--name", f"{task}-{seed}", "--output_dir", tmp, "--seed", str(seed),
                         "--model.path", str(policy), "--task.names", f"[{task}]",
+                    "--checkpoint.resume", "never",
                     ] + overrides,
                 )
                 start = time.perf_counter()
@@ -61,7 +63,8 @@ def main() -> None:
                 after = result.after.modes["greedy"].correction_rate
                 print(json.dumps({
                     "bench": "loop_improvement", "task": task, "seed": seed,
-                    "objective": cfg.objective.form, "steps": result.steps,
+                    "objective": cfg.objective.form, "beta": cfg.objective.beta,
+                    "anchor_weight": cfg.objective.anchor_weight, "steps": result.steps,
                     "warm_start_accuracy": warm.accuracy,
                     "correction_rate_before": before, "correction_rate_after": after,
                     "reduction": round(1 - after / before, 3) if before else None,

@@ -36,11 +36,16 @@ def load_prompts(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
 
 
 def buffer_config(cfg: RunConfig) -> BufferConfig:
-    """The buffer's config, with no-op pairs kept out of memory when the learner would drop them
-    anyway (they are still written to the durable log and counted)."""
-    if cfg.objective.noop_policy == "drop" and cfg.buffer.admit_noops:
-        return dataclasses.replace(cfg.buffer, admit_noops=False)
-    return cfg.buffer
+    """The buffer's config with the run-dependent defaults filled in: no-op pairs kept out of
+    memory when the learner would drop them anyway (they are still logged and counted), and
+    ``max_pending`` = one learner step's worth of pairs when unset."""
+    buffer = cfg.buffer
+    if cfg.objective.noop_policy == "drop" and buffer.admit_noops:
+        buffer = dataclasses.replace(buffer, admit_noops=False)
+    if buffer.max_pending is None:
+        per_step = cfg.learner.micro_batch_pairs * cfg.learner.grad_accum * cfg.resources.num_learner_ranks
+        buffer = dataclasses.replace(buffer, max_pending=min(buffer.capacity, max(per_step, buffer.min_fresh_pairs)))
+    return buffer
 
 
 def build_generator(cfg: RunConfig, seed_offset: int = 0) -> Generator:

@@ -211,9 +211,10 @@ class BufferConfig:
     min_fresh_pairs: int = 16
     """The learner waits until this many admissible pairs exist before sampling."""
     max_pending: int | None = None
-    """Back-pressure: producers pause while this many unsampled pairs wait (None: ``capacity``).
-    Keep it near ``max_staleness`` learner steps' worth of pairs so waiting pairs are consumed
-    before they go stale (docs/buffer.md)."""
+    """Back-pressure: producers pause while this many unsampled pairs wait. None: one learner
+    step's worth of pairs, so async generation runs about one step ahead of training (mean
+    staleness ~1) instead of filling the buffer with pairs that are always ``max_staleness``
+    old when the FIFO learner reaches them (docs/buffer.md)."""
     max_reuse: int = 1
     """Times one pair may be sampled before it leaves memory (1: each pair is used once)."""
     admit_noops: bool = True

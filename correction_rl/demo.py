@@ -10,6 +10,7 @@ held-out correction metrics.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,11 @@ def cli(argv: list[str]) -> int:
         result = warm_start(WarmStartConfig(task=cfg.task.names[0], seed=cfg.seed), policy)
         print(f"warm start: held-out accuracy {result.accuracy:.1%} after {result.steps} steps "
               f"({result.seconds:.0f} s)")
+    if cfg.run_dir.exists():  # the demo always trains from scratch; keep one previous run
+        previous = cfg.run_dir.with_name(cfg.run_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        cfg.run_dir.rename(previous)
+        print(f"moved the previous demo run to {previous}")
     result = run_training(cfg)
     print(result.comparison_table())
     print(f"run directory: {result.run_dir}")
