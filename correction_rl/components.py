@@ -112,7 +112,7 @@ def build_llm_teacher(cfg: RunConfig) -> Teacher:
 
 def build_human_teacher(cfg: RunConfig) -> Teacher:
     """The human teacher over its SQLite queue, with the web app started unless ``human_serve``
-    is off (docs/human_teachers.md)."""
+    is off (docs/human-teachers.md)."""
     import os
 
     from correction_rl.teachers.human.queue import CorrectionQueue

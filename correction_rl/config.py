@@ -84,7 +84,7 @@ class RolloutConfig:
 class TeacherConfig:
     kind: Literal["oracle", "vllm", "http", "human"] = "oracle"
     """Who corrects: a program that knows the answer, a local vLLM model, an HTTP endpoint, or
-    people in a web app (``human``, docs/human_teachers.md)."""
+    people in a web app (``human``, docs/human-teachers.md)."""
     timeout_s: float = 60.0
     """Per-request timeout; a timed-out correction is retried or dropped with reason ``timeout``."""
     max_retries: int = 2
@@ -140,7 +140,7 @@ class TeacherConfig:
     """``kind: human``: SQLite correction queue file; a relative path is under the run directory."""
     human_host: str = "127.0.0.1"
     """``kind: human``: address the web app binds (loopback by default; expose it through an
-    authenticating reverse proxy, docs/human_teachers.md)."""
+    authenticating reverse proxy, docs/human-teachers.md)."""
     human_port: int = 8765
     """``kind: human``: web app port (0: a free port, printed at start)."""
     human_serve: bool = True

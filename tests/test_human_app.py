@@ -383,5 +383,5 @@ def test_annotator_edits_and_submits_in_headless_chromium(app_server, tmp_path):
     assert "&lt;script&gt;" in seen["next_diff_html"] and "<script>" not in seen["next_diff_html"]
     assert seen["title_before"] == seen["title_after"] == "correction-rl: correct responses"
     assert queue.get(second).lease_owner == "alice" and shot.stat().st_size > 5000
-    if os.environ.get("CORRECTION_RL_UPDATE_DOCS_IMG"):  # refresh docs/human_teachers.md's screenshot
+    if os.environ.get("CORRECTION_RL_UPDATE_DOCS_IMG"):  # refresh docs/human-teachers.md's screenshot
         shutil.copy(shot, Path(__file__).resolve().parents[1] / "docs" / "img" / "human_teacher.png")

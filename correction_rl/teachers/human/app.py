@@ -1,7 +1,7 @@
 """The correction web app: annotators lease items from the queue, edit y, and save y'.
 
 FastAPI (a maintained framework already installed with vLLM) serves one static page, its
-script and stylesheet, and a small JSON API. Security choices (docs/human_teachers.md):
+script and stylesheet, and a small JSON API. Security choices (docs/human-teachers.md):
 
 * **Loopback by default** — ``serve()`` binds 127.0.0.1 unless configured otherwise.
 * **A token per annotator** on every API request (``Authorization: Bearer``). The page reads it

@@ -1,7 +1,7 @@
 """The durable correction queue: rollouts wait in SQLite until one annotator corrects them.
 
 Why SQLite: one file, transactions, and a commit that is on disk before we tell the browser
-"saved" — enough for the handful of annotators one machine serves (docs/human_teachers.md says
+"saved" — enough for the handful of annotators one machine serves (docs/human-teachers.md says
 how to scale past it). Every state change is one ``BEGIN IMMEDIATE`` transaction, so several
 web-server threads, the training process and an offline import can share the file.
 
