@@ -97,7 +97,9 @@ def main() -> None:
         })
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         train, held_out = load_prompts(cfg)
-        init_ray(cfg)
+        # actors' logs would mix into stdout, which carries only the JSON line
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        init_ray(cfg)  # already initialised: a no-op, kept so the script uses the driver's path
         cluster = start_cluster(cfg, train)
         try:
             stage_rates(cluster, 2)  # warm-up: first calls pay lazy initialisation

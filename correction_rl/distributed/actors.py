@@ -86,6 +86,7 @@ class RolloutWorker:
         honoured) until the buffer has room for more unconsumed pairs, and it never has more than
         ``max_inflight`` batches waiting at the teachers.
         """
+        self.stop_event.clear()  # a worker may produce again after an earlier stop (new driver)
         inflight: list = []
         batches = 0
         while not self.stop_event.is_set():
