@@ -50,7 +50,11 @@ def _config(tmp_path: Path, model_dir: Path) -> Path:
 
 def _start(args: list[str], tmp_path: Path, tag: str) -> tuple[subprocess.Popen, Path]:
     err = tmp_path / f"{tag}.stderr"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+    # Each run gets its own W&B service: wandb exports WANDB_SERVICE in a process that started
+    # one (an earlier test in this session), and a child connected to it would find the
+    # SIGKILLed run's id still "in use" there on resume.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
     proc = subprocess.Popen([sys.executable, "-m", "correction_rl.cli", "train", *args],
                             stdout=subprocess.DEVNULL, stderr=open(err, "w"), env=env)
     return proc, err
