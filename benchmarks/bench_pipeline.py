@@ -68,6 +68,9 @@ def end_to_end(cluster, cfg, eval_prompts, mode: str, steps: int) -> float:
     run_cfg = dataclasses.replace(cfg, mode=mode, total_steps=version + steps)
     driver = Driver(run_cfg, cluster, eval_prompts)
     driver.version = version
+    # stage_rates trained the learner without syncing: bring workers and buffer to its version
+    driver.sync_weights()
+    ray.get(cluster.buffer.set_learner_version.remote(version))
     start = time.perf_counter()
     driver.train(MultiSink([]))
     return driver.pairs_trained / (time.perf_counter() - start)

@@ -276,11 +276,16 @@ class Driver:
         if self.cfg.mode == "async":
             return self.sample(between_waits)
         n = self.cfg.learner.micro_batch_pairs * self.cfg.learner.grad_accum * len(self.cluster.learners)
-        while True:
+        for _ in range(100):
             pairs = _get(self.cluster.buffer.sample.remote(n, self.version, 0.0), self.timeout, "buffer sample")
             if pairs is not None:
                 return pairs
             self.collect_lockstep()
+        raise RuntimeError(
+            f"sync mode: no batch of {n} admissible pairs after 100 collection rounds at learner "
+            f"version {self.version}; check buffer.max_staleness against the rollout workers' "
+            "policy versions and the teacher's rejection counters"
+        )
 
     def train(self, sink, resume_metrics: dict[str, float] | None = None, wandb_run_id: str | None = None) -> None:
         """Run to ``total_steps``; checkpoints every ``checkpoint.every_steps``. A sync that
