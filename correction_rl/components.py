@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from correction_rl.config import BufferConfig, RunConfig, to_dict
-from correction_rl.metrics import ConsoleSink, JsonlSink, MetricSink, MultiSink, WandbSink
+from correction_rl.metrics import JsonlSink, MetricSink, MultiSink, WandbSink
 from correction_rl.rollout.base import Generator
 from correction_rl.tasks.registry import make_prompts
 from correction_rl.teachers.base import Teacher

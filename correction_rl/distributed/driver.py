@@ -13,6 +13,7 @@ compared on the same config (benchmarks/bench_pipeline.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -93,18 +94,11 @@ class Driver:
             published = ray.get(exports, timeout=self.cfg.sync.timeout_s)[0]
         except ray.exceptions.GetTimeoutError:
             raise SyncTimeout(self.version, "weight export on the learner ranks", self.cfg.sync.timeout_s) from None
-        remaining = max(1e-3, self.cfg.sync.timeout_s - (time.perf_counter() - start))
-        self.sync.timeout_s = remaining
         report = self.sync.publish_ref(
-            published["ref"][0], published["version"], published["num_bytes"], published["num_buckets"]
+            published["ref"][0], published["version"], published["num_bytes"], published["num_buckets"],
+            timeout_s=max(1e-3, self.cfg.sync.timeout_s - (time.perf_counter() - start)),
         )
-        return SyncReport(
-            version=report.version,
-            seconds=time.perf_counter() - start,
-            num_bytes=report.num_bytes,
-            num_messages=report.num_messages,
-            num_targets=report.num_targets,
-        )
+        return dataclasses.replace(report, seconds=time.perf_counter() - start)  # export included
 
     def evaluate(self) -> EvalReport:
         worker = self.cluster.rollout_workers[0]

@@ -66,18 +66,22 @@ class ObjectStoreSync:
         self.workers = list(workers)
         self.timeout_s = timeout_s
 
-    def publish_ref(self, update_ref, version: int, num_bytes: int, num_buckets: int) -> SyncReport:
+    def publish_ref(
+        self, update_ref, version: int, num_bytes: int, num_buckets: int, timeout_s: float | None = None
+    ) -> SyncReport:
         """Make every worker load the update behind ``update_ref`` (already in the object store,
-        e.g. returned by learner rank 0's ``export``), within the timeout."""
+        e.g. returned by learner rank 0's ``export``) within ``timeout_s`` (default: the
+        transport's; a caller that spent part of its budget exporting passes the rest)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         start = time.perf_counter()
         calls = {w.load_weights.remote(update_ref): i for i, w in enumerate(self.workers)}
         pending = list(calls)
-        deadline = start + self.timeout_s
+        deadline = start + timeout_s
         while pending:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 slow = sorted(calls[r] for r in pending)
-                raise SyncTimeout(version, f"load_weights on rollout workers {slow}", self.timeout_s)
+                raise SyncTimeout(version, f"load_weights on rollout workers {slow}", timeout_s)
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=remaining)
             ray.get(done)  # re-raise a worker's load error with its own traceback
         return SyncReport(
