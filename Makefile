@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the report rendering test will be skipped"; }
+	# Selenium's driver for headless Chromium in the human-teacher browser tests (Debian package).
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq chromium-driver >/dev/null; } || \
+		echo "chromedriver not installed: the human-teacher browser tests will be skipped"; }
 	@touch $(STAMP)
 
 demo: $(STAMP)

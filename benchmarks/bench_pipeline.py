@@ -9,7 +9,10 @@ One Ray cluster, one set of actors (rollout worker, teacher worker, buffer, lear
 Prints one JSON line with ``efficiency`` = async pairs/s / the slowest stage's pairs/s alone
 (target >= 0.9), ``async_speedup`` = async pairs/s / sync pairs/s, and the ideal overlap bound
 ``(t_gen + t_teach + t_train) / max(t_gen, t_teach, t_train)`` of per-pair stage times, with
-``speedup_vs_bound`` (target >= 0.9). Each actor runs one torch thread (Ray sets
+``speedup_vs_bound`` (target >= 0.9). Each is given for whole measurements (start-up of the
+producers, pipeline fill, final synchronous sync and drain included) and for the steady state
+(``steady_state``: pairs/s between the first and the last step of each measurement), with the
+median seconds the driver spent per step in each phase (``driver/*_s``). Each actor runs one torch thread (Ray sets
 OMP_NUM_THREADS to the actor's CPUs), so on a 2-core machine the generation and training roles
 each get a core and the bound is reachable; more busy roles than cores cap it lower.
 
@@ -33,7 +36,6 @@ from correction_rl.components import load_prompts
 from correction_rl.config import config_from_dict
 from correction_rl.distributed.cluster import init_ray, start_cluster
 from correction_rl.distributed.driver import Driver
-from correction_rl.metrics import MultiSink
 from correction_rl.models import make_model
 
 
@@ -62,7 +64,36 @@ def stage_rates(cluster, batches: int) -> dict[str, float]:
     }
 
 
-def end_to_end(cluster, cfg, eval_prompts, mode: str, steps: int) -> float:
+class PhaseSink:
+    """Keeps the driver's per-step phase seconds (``driver/*_s``) and batch staleness."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self.times: list[float] = []
+        """When each row arrived; consecutive rows are one learner step apart."""
+        self.steady: list[float] = []
+        """Per measurement: trained pairs/s between its first and last row (pipeline fill and
+        drain excluded)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.times.append(time.perf_counter())
+        self.rows.append({k: v for k, v in metrics.items()
+                          if k.startswith("driver/") or k == "buffer/batch_staleness_mean"})
+
+    def end_measurement(self, pairs_per_step: int) -> None:
+        times, self.times = self.times, []
+        self.steady.append((len(times) - 1) * pairs_per_step / (times[-1] - times[0]))
+
+    def close(self) -> None:
+        pass
+
+    def medians(self) -> dict[str, float]:
+        keys = sorted({k for r in self.rows for k in r})
+        return {k.removeprefix("driver/"): round(statistics.median(r.get(k, 0.0) for r in self.rows), 4)
+                for k in keys}
+
+
+def end_to_end(cluster, cfg, eval_prompts, mode: str, steps: int, sink: PhaseSink) -> float:
     """Trained pairs per second over ``steps`` learner steps in ``mode``."""
     version = ray.get(cluster.learners[0].version.remote())
     run_cfg = dataclasses.replace(cfg, mode=mode, total_steps=version + steps)
@@ -72,7 +103,8 @@ def end_to_end(cluster, cfg, eval_prompts, mode: str, steps: int) -> float:
     driver.sync_weights()
     ray.get(cluster.buffer.set_learner_version.remote(version))
     start = time.perf_counter()
-    driver.train(MultiSink([]))
+    driver.train(sink)
+    sink.end_measurement(cfg.learner.micro_batch_pairs * cfg.learner.grad_accum)
     return driver.pairs_trained / (time.perf_counter() - start)
 
 
@@ -108,9 +140,10 @@ def main() -> None:
             stage_rates(cluster, 2)  # warm-up: first calls pay lazy initialisation
             rates = stage_rates(cluster, 6)
             sync_rates, async_rates = [], []
+            phases = {"sync": PhaseSink(), "async": PhaseSink()}
             for _ in range(args.repeats):
-                sync_rates.append(end_to_end(cluster, cfg, held_out, "sync", args.steps))
-                async_rates.append(end_to_end(cluster, cfg, held_out, "async", args.steps))
+                sync_rates.append(end_to_end(cluster, cfg, held_out, "sync", args.steps, phases["sync"]))
+                async_rates.append(end_to_end(cluster, cfg, held_out, "async", args.steps, phases["async"]))
         finally:
             cluster.shutdown()
             ray.shutdown()
@@ -122,6 +155,7 @@ def main() -> None:
     slowest = 1 / max(t_gen, t_teach, t_train)
     e2e_async, e2e_sync = statistics.median(async_rates), statistics.median(sync_rates)
     speedup = e2e_async / e2e_sync
+    steady_async, steady_sync = (statistics.median(phases[m].steady) for m in ("async", "sync"))
     print(json.dumps({
         "bench": "pipeline", "size": args.size, "steps": args.steps, "repeats": args.repeats,
         "cores": os.cpu_count(),
@@ -130,6 +164,13 @@ def main() -> None:
         "efficiency": round(e2e_async / slowest, 3), "efficiency_target": 0.9,
         "async_speedup": round(speedup, 3), "bound": round(bound, 3),
         "speedup_vs_bound": round(speedup / bound, 3), "speedup_vs_bound_target": 0.9,
+        "steady_state": {
+            "async_pairs_per_s": round(steady_async, 2), "sync_pairs_per_s": round(steady_sync, 2),
+            "efficiency": round(steady_async / slowest, 3),
+            "async_speedup": round(steady_async / steady_sync, 3),
+            "speedup_vs_bound": round(steady_async / steady_sync / bound, 3),
+        },
+        "driver_step_phase_s_median": {mode: sink.medians() for mode, sink in phases.items()},
     }), flush=True)
 
 

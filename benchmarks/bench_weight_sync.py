@@ -7,8 +7,12 @@ Prints one JSON line per (model size, engine) with ``ratio`` = median sync secon
 shared-memory write alone over the raw copy), and the messages per sync
 (buckets + 1 metadata message: must not grow with the parameter count). Every sync carries a
 new version, as in training. Usage:
-``python benchmarks/bench_weight_sync.py [--sizes tiny small] [--repeats N] [--no-vllm] [--ray-workers N]``.
-With ``--ray-workers N`` it also measures the distributed system's Ray object-store transport.
+``python benchmarks/bench_weight_sync.py [--sizes tiny small] [--repeats N] [--no-vllm] [--ray-workers N]
+[--no-collective]``.
+With ``--ray-workers N`` it also measures the distributed system's two Ray transports side by
+side, interleaved, into the same N rollout worker actors (HF engines): the object store
+(``ObjectStoreSync``) and the collective broadcast over a gloo weight group (``CollectiveSync``,
+``sync.transport: collective``; ``--no-collective`` skips it), one JSON line per size.
 """
 
 from __future__ import annotations
@@ -88,15 +92,58 @@ def bench_size(size: str, repeats: int, bucket_mb: int, with_vllm: bool, root: P
             engine.close()
 
 
-def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path) -> None:
-    """The Ray path of the distributed system: one object put in the object store, then every
-    rollout worker actor (HF engine) maps it and copies it into its model
-    (``ObjectStoreSync``). ``ratio`` compares the whole publish with one raw copy of the same
-    bytes, as above; ``per_worker_ratio`` divides by the number of workers that each made a copy."""
+class BenchSender:
+    """Learner rank 0 of the collective transport without DeepSpeed (a Ray actor here): it holds
+    the bucketed update and broadcasts it exactly as ``LearnerRank.collective_send`` does, minus
+    the gather and bucketing, which the object-store line excludes too (``export_s`` above)."""
+
+    def __init__(self, model_path: str, bucket_mb: int):
+        torch.set_num_threads(1)
+        learner = load_model(model_path)
+        with torch.no_grad():
+            for p in learner.parameters():
+                p.add_(1e-3)
+        self.update = flatten_to_buckets(learner.named_parameters(), 1, bucket_mb * 2**20)
+        self.group = None
+
+    def collective_layout(self):
+        from correction_rl.weight_group import WeightLayout
+
+        return WeightLayout.of(self.update)
+
+    def collective_join(self, address, layout, timeout_s: float) -> int:
+        from correction_rl.weight_group import WeightGroup
+
+        self.collective_leave()
+        self.group = WeightGroup.join(address, 0, timeout_s)
+        return address.generation
+
+    def collective_send(self, version: int, timeout_s: float):
+        from correction_rl.weight_group import TransferReport
+
+        self.update.version = version
+        seconds = self.group.send(self.update, timeout_s)
+        return TransferReport(version, seconds, seconds, self.update.num_bytes)
+
+    def collective_leave(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+
+def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path, collective: bool) -> None:
+    """The Ray paths of the distributed system, into the same rollout worker actors (HF engine),
+    interleaved so machine noise hits both alike. Object store: one object put, then every
+    worker maps it and adopts the buckets (``ObjectStoreSync``). Collective: a sender actor
+    broadcasts the buckets over a gloo weight group, every worker receives them into fresh
+    buckets and adopts them (``CollectiveSync``; one tiny membership check per worker first).
+    ``ratio`` compares the whole publish with one raw copy of the same bytes, as above;
+    ``per_worker_ratio`` divides by the number of workers that each received a copy."""
     import ray
 
     from correction_rl.config import config_from_dict
     from correction_rl.distributed.actors import RolloutWorker
+    from correction_rl.distributed.collective import CollectiveSync
     from correction_rl.distributed.weights import ObjectStoreSync
     from correction_rl.tasks import make_prompts
 
@@ -106,18 +153,25 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path)
     ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
     try:
         prompts = make_prompts(["addition"], {}, 4, "train", 0)
-        actors = [ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, i, prompts) for i in range(workers)]
+        actors = [ray.remote(RolloutWorker).options(num_cpus=1, max_concurrency=4).remote(cfg, i, prompts)
+                  for i in range(workers)]
         sync = ObjectStoreSync(actors, timeout_s=600)
         update = flatten_to_buckets(learner.named_parameters(), 1, bucket_mb * 2**20)
         dst = [torch.empty_like(b).copy_(b) for b in update.buckets]
-        reports, copies = [], []
-        for version in range(1, repeats + 2):
-            update.version = version
+        coll = None
+        if collective:
+            sender = ray.remote(BenchSender).options(num_cpus=0).remote(str(path), bucket_mb)
+            coll = CollectiveSync([sender], actors, "gloo", timeout_s=600)
+        reports, copies, coll_reports = [], [], []
+        for i in range(repeats + 1):
+            update.version = 2 * i + 1
             copies.append(raw_copy_seconds(update, dst))
             reports.append(sync.publish(update))
+            if coll is not None:
+                coll_reports.append(coll.sync(2 * i + 2))  # the first one also builds the group
         sync_s = statistics.median(r.seconds for r in reports[1:])
         copy_s = statistics.median(copies[1:])
-        print(json.dumps({
+        line = {
             "bench": "weight_sync", "engine": "hf", "transport": "ray_object_store", "size": size,
             "workers": workers, "params": count_parameters(learner), "bytes": update.num_bytes,
             "num_messages": reports[0].num_messages, "num_tensors": len(update.layout),
@@ -125,7 +179,23 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path)
             "ratio": round(sync_s / copy_s, 2), "per_worker_ratio": round(sync_s / copy_s / workers, 2),
             "target": 1.5, "gb_per_s": round(update.num_bytes * workers / sync_s / 1e9, 3),
             "repeats": repeats,
-        }), flush=True)
+        }
+        if coll_reports:
+            steady = coll_reports[1:]
+            coll_s = statistics.median(r.seconds for r in steady)
+            line.update({
+                "collective_backend": "gloo",
+                "collective_sync_s": round(coll_s, 5),
+                "collective_broadcast_s": round(statistics.median(r.broadcast_seconds for r in steady), 5),
+                "collective_setup_s": round(coll_reports[0].setup_seconds, 4),
+                "collective_ratio": round(coll_s / copy_s, 2),
+                "collective_per_worker_ratio": round(coll_s / copy_s / workers, 2),
+                "collective_gb_per_s": round(update.num_bytes * workers / coll_s / 1e9, 3),
+                "collective_num_messages": steady[0].num_messages,
+                "collective_over_object_store": round(coll_s / sync_s, 2),
+            })
+            coll.close()
+        print(json.dumps(line), flush=True)
     finally:
         ray.shutdown()
 
@@ -137,7 +207,9 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--ray-workers", type=int, default=1,
-                        help="rollout worker actors for the Ray object-store transport (0: skip it)")
+                        help="rollout worker actors for the Ray transports (0: skip them)")
+    parser.add_argument("--no-collective", action="store_true",
+                        help="measure only the object store, not the collective (gloo) transport")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads of this (learner-side) process. 1 by default: on a shared 2-core "
@@ -151,7 +223,8 @@ def main() -> None:
             bench_size(size, args.repeats, args.bucket_mb, not args.no_vllm, Path(tmp))
         if args.ray_workers:
             for size in args.sizes:
-                bench_ray(size, args.repeats, args.bucket_mb, args.ray_workers, Path(tmp))
+                bench_ray(size, args.repeats, args.bucket_mb, args.ray_workers, Path(tmp),
+                          not args.no_collective)
 
 
 if __name__ == "__main__":

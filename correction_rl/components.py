@@ -111,16 +111,26 @@ def build_llm_teacher(cfg: RunConfig) -> Teacher:
 
 
 def build_human_teacher(cfg: RunConfig) -> Teacher:
-    """The human teacher over its SQLite queue, with the web app started unless ``human_serve``
-    is off (docs/human-teachers.md)."""
+    """The human teacher over its SQLite queue, with a share of the web app unless ``human_serve``
+    is off (docs/human-teachers.md).
+
+    Every process that builds one (in the Ray modes: each teacher worker) opens the same queue
+    file and competes for its lock; the holder serves the app on ``human_host:human_port`` and
+    the others take over when it dies (``teachers/human/host.py``), so one app serves the queue
+    however many teacher workers there are."""
     import os
 
     from correction_rl.teachers.human.queue import CorrectionQueue
     from correction_rl.teachers.human.teacher import HumanTeacher
 
     t = cfg.teacher
+    if cfg.mode != "inprocess" and t.human_wait_s >= cfg.resources.call_timeout_s:
+        raise ValueError(f"teacher.human_wait_s={t.human_wait_s:g} must be < resources.call_timeout_s="
+                         f"{cfg.resources.call_timeout_s:g} in mode {cfg.mode!r}: a teacher worker's "
+                         "correct() call would time out before the human teacher stops waiting")
     db = Path(t.human_db)
-    queue = CorrectionQueue(db if db.is_absolute() else cfg.run_dir / db, lease_timeout_s=t.human_lease_s)
+    db = db if db.is_absolute() else cfg.run_dir / db
+    queue = CorrectionQueue(db, lease_timeout_s=t.human_lease_s)
     fallback = None
     if t.human_fallback == "oracle":
         from correction_rl.teachers.oracle import OracleTeacher
@@ -128,14 +138,22 @@ def build_human_teacher(cfg: RunConfig) -> Teacher:
         fallback = OracleTeacher()
     server = None
     if t.human_serve:
-        from correction_rl.teachers.human.app import create_app, parse_tokens, serve
+        from correction_rl.teachers.human.app import create_app, parse_tokens
+        from correction_rl.teachers.human.host import acquire_host
 
         spec = os.environ.get(t.human_tokens_env)
         if not spec:
             raise ValueError(f"teacher.human_tokens_env: environment variable {t.human_tokens_env} is not set "
-                             "(expected name=token[,name=token...])")
-        server = serve(create_app(queue, parse_tokens(spec), t.human_max_body_bytes), t.human_host, t.human_port)
-        print(f"human teacher: annotators open {server.url}/#token=<their token>", flush=True)
+                             f"in this process (pid {os.getpid()}; expected name=token[,name=token...]). In the "
+                             "Ray modes the teacher workers need it: export it where Ray starts (the shell "
+                             "that runs the training, or `ray start` on the teacher node)")
+        tokens = parse_tokens(spec)  # a bad token list fails here, in every process, not at takeover
+
+        def announce(url: str) -> None:
+            print(f"human teacher: annotators open {url}/#token=<their token> (pid {os.getpid()})", flush=True)
+
+        server = acquire_host(db, lambda: create_app(queue, tokens, t.human_max_body_bytes),
+                              t.human_host, t.human_port, announce=announce)
     return HumanTeacher(queue, wait_s=t.human_wait_s, fallback=fallback, server=server)
 
 

@@ -254,6 +254,16 @@ class SyncConfig:
     """Bucket size for flattened weights; messages per sync = model bytes / bucket size."""
     timeout_s: float = 120.0
     """Hard timeout of one sync; exceeding it raises instead of hanging."""
+    transport: Literal["auto", "object_store", "collective"] = "auto"
+    """How the Ray system moves weights. ``object_store``: learner rank 0 puts the buckets in
+    Ray's object store once and every rollout worker maps them. ``collective``: learner rank 0
+    broadcasts the buckets through a weight process group (NCCL when learner ranks and rollout
+    workers have GPUs, with vLLM's workers as members; gloo otherwise, HF engines only).
+    ``auto``: ``collective`` when learner ranks and rollout workers each hold whole GPUs
+    (``resources.gpus_per_learner_rank >= 1`` and ``gpus_per_rollout_worker >= 1``: CUDA engines;
+    fractional GPUs may put two members on one device, which NCCL refuses), else
+    ``object_store``, because on one CPU node the object store is shared memory and is faster
+    than a gloo broadcast over loopback (docs/rollout.md)."""
     inject_load_delay_s: float = 0.0
     """Fault injection (tests, drills): every Ray rollout worker sleeps this long inside each
     ``load_weights`` call, so a sync exceeds ``timeout_s`` (docs/reliability.md). Keep 0."""
@@ -339,6 +349,10 @@ class ResourcesConfig:
     """Upper bound of any single remote call the driver waits on (a learner step, a sample)."""
     max_actor_restarts: int = 3
     """Ray restarts of a dead rollout or teacher actor before the run fails."""
+    engine_stall_timeout_s: float = 600.0
+    """Health check (Ray modes): a rollout worker whose engine died, or whose current generation
+    or weight load has run longer than this, is killed by the driver and restarted by Ray with a
+    new engine (docs/reliability.md). Set it well above the slowest normal generation batch."""
     max_inflight_batches: int = 2
     """Batches a rollout worker may have waiting at the teachers (async mode back-pressure)."""
 

@@ -46,6 +46,10 @@ class SyncTimeout(TimeoutError):
             f"state and should be restarted or re-synced)"
         )
 
+    def __reduce__(self):
+        # raised inside a Ray actor, the error is pickled to the driver: rebuild it from its fields
+        return (SyncTimeout, (self.version, self.stage, self.timeout_s))
+
 
 class StaleWeightsError(ValueError):
     """An engine was handed weights older than the ones it already serves."""

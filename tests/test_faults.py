@@ -4,7 +4,11 @@
   timeout with a readable ``SyncTimeout`` and a checkpoint at the current step, from which a
   resumed run reaches ``total_steps``;
 * a rollout actor and a teacher actor killed by pid mid-run are restarted by Ray, the run
-  finishes, and the restarts are counted in the metrics.
+  finishes, the restarts are counted in the metrics, and the restarted rollout worker continued
+  its prompt stream (no prompt drawn twice);
+* a dead learner rank stops the run at once with an error naming the checkpoint a resume uses;
+* a vLLM engine whose engine-core process dies is found by the health check, its rollout actor
+  replaced, and the run finishes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from correction_rl.checkpoint import latest_valid
+from correction_rl.correction_log import read
 from correction_rl.metrics import read_jsonl_metrics
 from correction_rl.sync import SyncTimeout
 
@@ -89,10 +94,11 @@ def _alive_pid(class_name: str) -> int:
     return pids[0]
 
 
-def test_killed_rollout_and_teacher_actors_restart_and_the_run_finishes(tmp_path, ray_local, tiny_model_dir):
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_killed_rollout_and_teacher_actors_restart_and_the_run_finishes(tmp_path, ray_local, tiny_model_dir, mode):
     from correction_rl.distributed.driver import run
 
-    cfg = system_config(tmp_path, tiny_model_dir, "restarts", total_steps=10, eval__every_steps=0,
+    cfg = system_config(tmp_path, tiny_model_dir, "restarts", mode=mode, total_steps=10, eval__every_steps=0,
                         checkpoint__every_steps=0, metrics__wandb_mode="disabled",
                         learner__backend="torch", resources__max_actor_restarts=2,
                         resources__call_timeout_s=120)
@@ -123,6 +129,95 @@ def test_killed_rollout_and_teacher_actors_restart_and_the_run_finishes(tmp_path
     last = rows[-1]
     assert last["faults/rollout_restarts"] == 1
     assert last["faults/teacher_restarts"] == 1
-    assert last["faults/producer_restarts"] >= 1
+    if mode == "async":  # sync mode has no producer tasks: it repeats the lost batch
+        assert last["faults/producer_restarts"] >= 1
     # the restarted rollout worker serves the learner's policy again
     assert last["rollout/worker0/version"] == cfg.total_steps
+    # ... and continued its prompt stream where its predecessor handed off its last batch: a
+    # restart from the beginning of the stream would draw the first prompts a second time
+    assert last["faults/streams_restored"] == 1
+    prompt_ids = [p.prompt_id for p in read(cfg.run_dir / "corrections.jsonl")]
+    assert len(prompt_ids) > 3 * cfg.rollout.batch_size
+    assert len(set(prompt_ids)) == len(prompt_ids), "a prompt was drawn twice"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(proc.name))
+    return out
+
+
+def _run_in_thread(cfg):
+    from correction_rl.distributed.driver import run
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = run(cfg)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_step(cfg, thread, k: int, timeout: float = 300) -> None:
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and thread.is_alive():
+        if metrics.exists() and any(r.get("step", 0) >= k and "train/loss" in r for r in read_jsonl_metrics(metrics)):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"step {k} not reached (thread alive: {thread.is_alive()})")
+
+
+def test_a_dead_learner_rank_stops_the_run_naming_the_checkpoint_to_resume_from(tmp_path, ray_local, tiny_model_dir):
+    cfg = system_config(tmp_path, tiny_model_dir, "deadrank", total_steps=40, eval__every_steps=0,
+                        checkpoint__every_steps=2, metrics__wandb_mode="disabled", learner__backend="torch",
+                        resources__call_timeout_s=120)
+    thread, outcome = _run_in_thread(cfg)
+    _wait_step(cfg, thread, 3)
+    killed_at = time.monotonic()
+    os.kill(_alive_pid("LearnerRank"), signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive(), "the run did not stop after its learner rank died"
+    assert time.monotonic() - killed_at < 60  # the dead rank is noticed at its next call, not at a timeout
+    import ray
+
+    exc = outcome.get("error")
+    assert isinstance(exc, ray.exceptions.RayActorError), outcome
+    ck, _ = latest_valid(cfg.run_dir)
+    assert ck is not None and ck.step >= 2
+    notes = " ".join(getattr(exc, "__notes__", []))
+    assert f"a resume will use {ck.path} (step {ck.step})" in notes, notes
+
+
+def test_a_dead_vllm_engine_is_replaced_by_the_health_check(tmp_path, ray_local, tiny_model_dir):
+    pytest.importorskip("vllm")
+    cfg = system_config(tmp_path, tiny_model_dir, "deadengine", total_steps=6, rollout__engine="vllm",
+                        eval__every_steps=0, eval__sampled=False, checkpoint__every_steps=0,
+                        metrics__wandb_mode="disabled", learner__backend="torch", resources__call_timeout_s=300)
+    thread, outcome = _run_in_thread(cfg)
+    _wait_step(cfg, thread, 2)
+    worker = _alive_pid("RolloutWorker")
+    engine = _children(worker)  # vLLM's engine-core process (and its helpers)
+    assert engine, "the vLLM engine has no child process"
+    for pid in engine:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(600)
+    assert not thread.is_alive()
+    assert "result" in outcome, outcome
+    assert outcome["result"].steps == cfg.total_steps
+    last = [r for r in read_jsonl_metrics(cfg.run_dir / "metrics.jsonl") if "train/loss" in r][-1]
+    assert last["faults/unhealthy_engines"] >= 1
+    assert last["faults/rollout_restarts"] >= 1
+    assert last["rollout/worker0/version"] == cfg.total_steps  # the new engine got the weights

@@ -1,6 +1,7 @@
 """The human teacher's web app over real HTTP on 127.0.0.1: tokens, CSRF, body limits, text-only
-rendering (checked in headless Chromium too), leases through the API, and a short in-process
-training run fed by a scripted annotator that answers through the HTTP API."""
+rendering and lease expiry checked in headless Chromium (Selenium + Debian's chromedriver), the
+app moving to another process when the serving one dies, and a short in-process training run fed
+by a person in the browser and a scripted annotator on the HTTP API at once."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -109,32 +111,232 @@ def test_model_text_is_never_served_as_html(app_server):
     assert "textContent" in script
 
 
-CHROMIUM = shutil.which("chromium")
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# -- headless Chromium, driven by Selenium through Debian's chromedriver --------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    import selenium  # noqa: F401
+
+    SELENIUM = True
+except ImportError:
+    SELENIUM = False
+_MISSING = [what for what, ok in (("chromium (apt-get install chromium)", CHROMIUM),
+                                  ("chromedriver (apt-get install chromium-driver)", CHROMEDRIVER),
+                                  ("selenium (pip install -e '.[dev]')", SELENIUM)) if not ok]
+needs_browser = pytest.mark.skipif(bool(_MISSING), reason="headless browser test needs " + ", ".join(_MISSING))
 
 
-def chromium(tmp_path: Path, url: str, *mode: str) -> str:
-    profile = tmp_path / f"profile-{time.monotonic_ns()}"
-    out = subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                          *mode, url], capture_output=True, text=True, timeout=90)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+@contextmanager
+def chrome(width: int = 900, height: int = 640):
+    """Headless Chromium under Selenium, with the Debian binaries named explicitly (Selenium
+    Manager would try to download a driver; these machines have no internet)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.set_script_timeout(20)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the screenshot's exact size
+                               {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        yield driver
+    finally:
+        driver.quit()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
-def test_headless_chromium_shows_a_script_response_as_text_and_does_not_run_it(app_server, tmp_path):
+def wait_js(driver, expression: str, timeout_s: float = 20.0):
+    """Polls a JavaScript expression until it is truthy; returns its value."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(
+        lambda d: d.execute_script(f"return ({expression});"), message=f"page never satisfied {expression!r}")
+
+
+SHOWN_ITEM = "!document.getElementById('work').hidden && document.body.dataset.item"
+STATUS = "document.getElementById('status').textContent"
+
+
+def keys(driver, *chord: str, modifier: str | None = None) -> None:
+    """Types into the focused element like a person at the keyboard (real key events)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    actions = ActionChains(driver)
+    if modifier is not None:
+        actions.key_down(modifier)
+    actions.send_keys(*chord)
+    if modifier is not None:
+        actions.key_up(modifier)
+    actions.perform()
+
+
+def fetch_status(driver, path: str, token: str | None, body: dict) -> int:
+    """The HTTP status of a POST the page's own origin makes (with the CSRF header)."""
+    return driver.execute_async_script(
+        "const [path, token, body, done] = arguments;"
+        "const headers = {'Content-Type': 'application/json', 'X-CRL-Request': '1'};"
+        "if (token) headers['Authorization'] = 'Bearer ' + token;"
+        "fetch(path, {method: 'POST', headers, body: JSON.stringify(body)}).then(r => done(r.status), e => done(String(e)));",
+        path, token, body)
+
+
+@needs_browser
+def test_headless_chromium_shows_a_script_response_as_text_and_refuses_a_tokenless_request(app_server):
+    from selenium.webdriver.common.by import By
+
     queue, server = app_server
     queue.lease_timeout_s = 60.0
     (item_id,) = queue.enqueue(rollouts([EVIL]))
-    dom = chromium(tmp_path, f"{server.url}/#token={ALICE}", "--dump-dom")
-    assert "<title>correction-rl: correct responses</title>" in dom  # PWNED would replace it
-    assert "annotator: alice" in dom and "done by you: 0" in dom
-    assert "&lt;script&gt;document.title='PWNED'&lt;/script&gt;" in dom  # shown, escaped, in the page
-    assert "<script>document.title" not in dom and "<img src=" not in dom
-    assert queue.get(item_id).lease_owner == "alice"  # the page leased it through the API
-    no_token = chromium(tmp_path, f"{server.url}/", "--dump-dom")
-    assert 'id="login"' in no_token and "annotator: alice" not in no_token
+    with chrome() as d:
+        d.get(f"{server.url}/#token={ALICE}")
+        assert wait_js(d, SHOWN_ITEM) == item_id and queue.get(item_id).lease_owner == "alice"
+        assert "token" not in d.current_url  # the fragment left the address bar
+        assert d.find_element(By.ID, "who").text == "annotator: alice"
+        assert d.find_element(By.ID, "edit").get_property("value") == EVIL  # as text in the editor
+        assert d.find_element(By.ID, "prompt").text == f"Prompt 0: {EVIL}"
+        assert d.title == "correction-rl: correct responses"  # the response's script did not run
+        assert d.execute_script("return document.querySelectorAll('img, #work script').length") == 0
+        assert "&lt;script&gt;" in d.execute_script("return document.getElementById('diff').innerHTML")
+        # a fresh tab has no token: the sign-in form, and the API refuses the page's requests
+        d.switch_to.new_window("tab")
+        d.get(f"{server.url}/")
+        wait_js(d, "!document.getElementById('login').hidden")
+        assert d.find_element(By.ID, "work").is_displayed() is False
+        assert fetch_status(d, "/api/next", None, {}) == 401
+        assert fetch_status(d, "/api/next", "wrong-token-0123456789", {}) == 401
+    assert queue.counts()["leased"] == 1  # the refused requests leased nothing
+
+
+@needs_browser
+def test_annotator_edits_and_submits_in_headless_chromium(app_server, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    queue, server = app_server
+    queue.lease_timeout_s = 60.0
+    first, second = queue.enqueue(rollouts(["12 + 4 = 15", EVIL]))
+    shot = tmp_path / "human_teacher.png"
+    with chrome() as d:
+        d.get(f"{server.url}/#token={ALICE}")
+        assert wait_js(d, SHOWN_ITEM) == first
+        assert d.execute_script("return document.getElementById('edit').value") == "12 + 4 = 15"
+        # Like a person: put the cursor on the wrong digit and retype it.
+        d.execute_script("const e = document.getElementById('edit'); e.focus(); e.setSelectionRange(10, 11);")
+        keys(d, Keys.BACKSPACE, "6")
+        diff = wait_js(d, "document.querySelector('#diff .ins') && document.getElementById('diff').textContent")
+        assert "15" in diff and "16" in diff
+        d.save_screenshot(str(shot))
+        keys(d, Keys.ENTER, modifier=Keys.CONTROL)  # Ctrl+Enter: submit
+        assert wait_js(d, f"{STATUS}.startsWith('saved') && {STATUS}") == "saved (edit distance 1)"
+        assert wait_js(d, SHOWN_ITEM) == second
+        assert d.execute_script("return document.getElementById('edit').value") == EVIL
+        assert d.title == "correction-rl: correct responses"
+    done = queue.get(first)
+    assert (done.state, done.corrected, done.annotator) == ("done", "12 + 4 = 16", "alice")
+    assert queue.get(second).lease_owner == "alice" and shot.stat().st_size > 5000
+    if os.environ.get("CORRECTION_RL_UPDATE_DOCS_IMG"):  # refresh docs/human-teachers.md's screenshot
+        shutil.copy(shot, Path(__file__).resolve().parents[1] / "docs" / "img" / "human_teacher.png")
+
+
+@needs_browser
+def test_a_closed_tabs_lease_expires_and_the_item_is_stored_once(app_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    queue, server = app_server
+    queue.lease_timeout_s = 2.0  # the page renews every max(1 s, lease / 3) while it is open
+    (item_id,) = queue.enqueue(rollouts(["7 + 1 = 9"]))
+    with chrome() as d:
+        d.get(f"{server.url}/#token={ALICE}")
+        assert wait_js(d, SHOWN_ITEM) == item_id
+        alice_tab = d.current_window_handle
+        d.switch_to.new_window("tab")
+        bob_tab = d.current_window_handle
+        d.get(f"{server.url}/")
+        wait_js(d, "!document.getElementById('login').hidden")
+        d.find_element(By.ID, "token").send_keys(BOB)  # signs in through the form this time
+        d.find_element(By.ID, "login-btn").click()
+        wait_js(d, "!document.getElementById('empty').hidden")  # alice's open tab keeps her lease
+        time.sleep(3.0)
+        assert queue.get(item_id).lease_owner == "alice" and d.execute_script(
+            "return document.body.dataset.item") == ""
+        d.switch_to.window(alice_tab)
+        d.close()  # alice closes her tab without saving: nothing renews her lease any more
+        d.switch_to.window(bob_tab)
+        assert wait_js(d, SHOWN_ITEM, timeout_s=20) == item_id  # bob's page polls every 3 s
+        d.execute_script("const e = document.getElementById('edit'); e.focus(); e.select();")
+        keys(d, "7 + 1 = 8")
+        keys(d, Keys.ENTER, modifier=Keys.CONTROL)
+        assert wait_js(d, f"{STATUS}.startsWith('saved') && {STATUS}") == "saved (edit distance 1)"
+        # alice's late save (her token, from the page) is refused: the item is stored once
+        assert fetch_status(d, "/api/submit", ALICE, {"item_id": item_id, "corrected_text": "late"}) == 409
+    item = queue.get(item_id)
+    assert (item.state, item.corrected, item.annotator, item.leases) == ("done", "7 + 1 = 8", "bob", 2)
+    assert queue.counts() == {"pending": 0, "leased": 0, "done": 1, "cancelled": 0}
+
+
+# -- one app per queue file, whichever process holds its lock ----------------------------------
+
+SERVE_CHILD = """
+import sys, time
+from pathlib import Path
+from correction_rl.teachers.human.app import create_app, parse_tokens
+from correction_rl.teachers.human.host import AppHost
+from correction_rl.teachers.human.queue import CorrectionQueue
+db = Path(sys.argv[1])
+queue = CorrectionQueue(db, lease_timeout_s=60)
+host = AppHost(db, lambda: create_app(queue, parse_tokens(sys.argv[2])), port=int(sys.argv[3])).start()
+print(host.serving, host.url, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_app_moves_to_another_process_when_the_serving_one_is_killed(tmp_path):
+    import signal
+    import sys
+
+    from correction_rl.teachers.human.host import AppHost, acquire_host, url_path
+
+    db, port, spec = tmp_path / "q.sqlite", _free_port(), f"alice={ALICE},bob={BOB}"
+    child = subprocess.Popen([sys.executable, "-c", SERVE_CHILD, str(db), spec, str(port)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["True", f"http://127.0.0.1:{port}"]
+        queue = CorrectionQueue(db, lease_timeout_s=60)
+        ours = AppHost(db, lambda: create_app(queue, parse_tokens(spec)), port=port, retry_s=0.2).start()
+        assert not ours.serving and ours.url == f"http://127.0.0.1:{port}"  # published by the child
+        (item_id,) = queue.enqueue(rollouts(["1"]))
+        with httpx.Client(base_url=ours.url, timeout=10) as c:
+            assert c.post("/api/next", json={}, headers=auth(ALICE, **POST)).json()["item"]["item_id"] == item_id
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            deadline = time.monotonic() + 10
+            while not ours.serving and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ours.serving, ours.last_error
+            # same address, same queue: alice's page gets her leased item back and saves it
+            again = c.post("/api/next", json={}, headers=auth(ALICE, **POST)).json()["item"]
+            assert again["item_id"] == item_id
+            assert c.post("/api/submit", json={"item_id": item_id, "corrected_text": "2"},
+                          headers=auth(ALICE, **POST)).status_code == 200
+        ours.close()
+        assert not url_path(db).exists()
+        # within one process, teachers share one host; the last one to stop releases the lock
+        a = acquire_host(db, lambda: create_app(queue, parse_tokens(spec)), port=port)
+        b = acquire_host(db, lambda: create_app(queue, parse_tokens(spec)), port=port)
+        assert a.host is b.host and a.serving
+        a.stop()
+        assert b.serving
+        b.stop()
+        assert not b.serving and not url_path(db).exists()
+    finally:
+        child.kill()
+        child.wait(10)
 
 
 def _free_port() -> int:
@@ -151,23 +353,58 @@ def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[
         while not stop.is_set():
             try:
                 item = c.post("/api/next", json={}, headers=auth(token, **POST)).json()["item"]
-            except httpx.TransportError:  # the run has not started the app yet
-                time.sleep(0.2)
+                if item is None:
+                    time.sleep(0.1)
+                    continue
+                prompt = Prompt(prompt_id="human", text=item["prompt"], task=item["task"])
+                fixed = get_task(item["task"]).minimal_correction(prompt, item["response"])
+                r = c.post("/api/submit", json={"item_id": item["item_id"], "corrected_text": fixed},
+                           headers=auth(token, **POST))
+            except httpx.TransportError:  # the app is not up yet, or moving to another process:
+                time.sleep(0.2)           # the next /api/next gives back the item still leased to us
                 continue
-            if item is None:
-                time.sleep(0.1)
-                continue
-            prompt = Prompt(prompt_id="human", text=item["prompt"], task=item["task"])
-            fixed = get_task(item["task"]).minimal_correction(prompt, item["response"])
-            r = c.post("/api/submit", json={"item_id": item["item_id"], "corrected_text": fixed},
-                       headers=auth(token, **POST))
             assert r.status_code == 200, r.text
             saved.append(r.json()["edit_distance"])
             time.sleep(pause_s)  # leave some items to the (slower) person in the browser
 
 
+
+def browser_annotator(page_url: str, stop: threading.Event, saved: list[str]) -> None:
+    """A person in Chromium: reads each item, types the oracle's minimal correction over the
+    response (or presses "correct as is"), and submits with the keyboard."""
+    from selenium.webdriver.common.keys import Keys
+
+    from correction_rl.tasks import get_task
+
+    with chrome() as d:
+        d.get(page_url)
+        while not stop.is_set():
+            shown = d.execute_script(f"return {SHOWN_ITEM};")
+            if not shown:
+                time.sleep(0.2)
+                continue
+            prompt, response, task = d.execute_script(
+                "return [document.getElementById('prompt').textContent, document.getElementById('edit').value,"
+                " document.getElementById('task').textContent];")
+            task = task.removeprefix("task: ")
+            fixed = get_task(task).minimal_correction(Prompt(prompt_id="b", text=prompt, task=task), response)
+            d.execute_script("document.getElementById('status').textContent = '';")
+            if fixed == response:
+                keys(d, "a", modifier=Keys.ALT)  # Alt+A: correct as is
+            else:
+                d.execute_script("const e = document.getElementById('edit'); e.focus(); e.select();")
+                keys(d, fixed)
+                keys(d, Keys.ENTER, modifier=Keys.CONTROL)  # Ctrl+Enter: submit
+            status = wait_js(d, STATUS)
+            assert status.startswith("saved"), status
+            saved.append(fixed)
+            wait_js(d, f"document.body.dataset.item !== {json.dumps(shown)}")
+
+
 @pytest.mark.slow
 def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path, warm_policy_dir, monkeypatch):
+    """Without Chromium the run is fed by the scripted annotator alone (the browser part is what
+    the skip reason of the other browser tests names)."""
     from correction_rl.config import config_from_dict
     from correction_rl.loop import run
 
@@ -189,19 +426,18 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
     stop = threading.Event()
     saved: dict[str, list] = {"alice": [], "bob": []}
     errors: list[BaseException] = []
-    proc, ws_url = start_chromium(tmp_path / "profile")
 
     def browser() -> None:
-        import asyncio
-
         try:
-            asyncio.run(browser_annotator(ws_url, f"http://127.0.0.1:{port}/#token={ALICE}", stop, saved["alice"]))
+            browser_annotator(f"http://127.0.0.1:{port}/#token={ALICE}", stop, saved["alice"])
         except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
+            if not stop.is_set():
+                errors.append(exc)
 
-    workers = [threading.Thread(target=browser, daemon=True),
-               threading.Thread(target=scripted_annotator, args=(f"http://127.0.0.1:{port}", BOB, stop, saved["bob"], 0.5),
+    workers = [threading.Thread(target=scripted_annotator, args=(f"http://127.0.0.1:{port}", BOB, stop, saved["bob"], 0.5),
                                 daemon=True)]
+    if not _MISSING:
+        workers.append(threading.Thread(target=browser, daemon=True))
     for w in workers:
         w.start()
     try:
@@ -209,11 +445,9 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
     finally:
         stop.set()
         for w in workers:
-            w.join(15)
-        proc.terminate()
-        proc.wait(15)
+            w.join(30)
     assert not errors, errors
-    assert saved["alice"], "the person in the browser corrected nothing"
+    assert saved["alice"] or _MISSING, "the person in the browser corrected nothing"
     run_dir = cfg.run_dir
     assert result is not None
     logged = [json.loads(line) for line in (run_dir / "corrections.jsonl").read_text().splitlines()]
@@ -231,157 +465,12 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
     assert done == len(saved["alice"]) + len(saved["bob"]) >= len(pairs)
 
 
-def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
-    """Headless Chromium with its DevTools endpoint on loopback; returns it and the endpoint."""
-    import re
+def test_ray_modes_refuse_a_human_wait_longer_than_the_actor_call_timeout(tmp_path, tiny_model_dir):
+    from correction_rl.components import build_human_teacher
+    from correction_rl.config import config_from_dict
 
-    proc = subprocess.Popen([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}",
-                             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if m := re.search(r"DevTools listening on (ws://\S+)", line):
-            return proc, m.group(1)
-    proc.terminate()
-    raise AssertionError("chromium did not print its DevTools address")
-
-
-class DevTools:
-    """A minimal Chrome DevTools Protocol client (over ``websockets``) for one page: enough to
-    type, press keys, read the DOM and take a screenshot like a person at the keyboard would."""
-
-    def __init__(self, ws) -> None:
-        self.ws, self.next_id = ws, 0
-
-    async def call(self, method: str, **params):
-        self.next_id += 1
-        my_id = self.next_id
-        await self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(await self.ws.recv())
-            if msg.get("id") == my_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg["result"]
-
-    async def js(self, expression: str):
-        out = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        return out["result"].get("value")
-
-    async def wait_for(self, expression: str, timeout_s: float = 20.0):
-        import asyncio
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = await self.js(expression)
-            if value:
-                return value
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"page never satisfied {expression!r}")
-
-    async def key(self, key: str, code: str, vk: int, modifiers: int = 0) -> None:
-        for kind in ("rawKeyDown", "keyUp"):
-            await self.call("Input.dispatchKeyEvent", type=kind, key=key, code=code,
-                            windowsVirtualKeyCode=vk, modifiers=modifiers)
-
-
-async def new_page(ws_url: str) -> str:
-    """Opens a tab; returns its DevTools websocket address."""
-    import websockets
-
-    async with websockets.connect(ws_url, max_size=None) as ws:
-        target = await DevTools(ws).call("Target.createTarget", url="about:blank")
-    return ws_url.rsplit("/devtools/", 1)[0] + f"/devtools/page/{target['targetId']}"
-
-
-async def browser_annotator(ws_url: str, page_url: str, stop: threading.Event, saved: list[str]) -> None:
-    """A person in Chromium: reads each item, types the oracle's minimal correction over the
-    response (or presses "correct as is"), and submits with the keyboard."""
-    import asyncio
-
-    import websockets
-
-    from correction_rl.tasks import get_task
-
-    async with websockets.connect(await new_page(ws_url), max_size=None) as ws:
-        page = DevTools(ws)
-        await page.call("Page.navigate", url=page_url)
-        while not stop.is_set():
-            if not await page.js("!document.getElementById('work').hidden"):
-                await asyncio.sleep(0.2)
-                continue
-            shown = await page.js("document.body.dataset.item")
-            prompt = await page.js("document.getElementById('prompt').textContent")
-            response = await page.js("document.getElementById('edit').value")
-            task = (await page.js("document.getElementById('task').textContent")).removeprefix("task: ")
-            fixed = get_task(task).minimal_correction(Prompt(prompt_id="b", text=prompt, task=task), response)
-            await page.js("document.getElementById('status').textContent = ''; true")
-            if fixed == response:
-                await page.key("a", "KeyA", 65, modifiers=1)  # Alt+A: correct as is
-            else:
-                await page.js("const e = document.getElementById('edit'); e.focus(); e.select(); true")
-                await page.call("Input.insertText", text=fixed)
-                await page.key("Enter", "Enter", 13, modifiers=2)  # Ctrl+Enter: submit
-            status = await page.wait_for("document.getElementById('status').textContent")
-            assert status.startswith("saved"), status
-            saved.append(fixed)
-            await page.wait_for(f"document.body.dataset.item !== {json.dumps(shown)}")
-
-
-async def _drive_page(ws_url: str, page_url: str, screenshot: Path) -> dict:
-    import base64
-
-    import websockets
-
-    async with websockets.connect(await new_page(ws_url), max_size=None) as ws:
-        page = DevTools(ws)
-        await page.call("Emulation.setDeviceMetricsOverride", width=900, height=640, deviceScaleFactor=1, mobile=False)
-        await page.call("Page.navigate", url=page_url)
-        await page.wait_for("document.getElementById('work') && !document.getElementById('work').hidden")
-        seen = {"title_before": await page.js("document.title"),
-                "prompt": await page.js("document.getElementById('prompt').textContent"),
-                "textarea": await page.js("document.getElementById('edit').value")}
-        # Like a person: put the cursor on the wrong digit and retype it.
-        await page.js("const e = document.getElementById('edit'); e.focus(); e.setSelectionRange(10, 11); true")
-        await page.key("Backspace", "Backspace", 8)
-        await page.call("Input.insertText", text="6")
-        seen["diff"] = await page.wait_for("document.querySelector('#diff .ins') && document.getElementById('diff').textContent")
-        shot = await page.call("Page.captureScreenshot", format="png")
-        screenshot.write_bytes(base64.b64decode(shot["data"]))
-        await page.key("Enter", "Enter", 13, modifiers=2)  # Ctrl+Enter: submit
-        await page.wait_for("document.getElementById('status').textContent.startsWith('saved')")
-        seen["status"] = await page.js("document.getElementById('status').textContent")
-        seen["next_textarea"] = await page.wait_for(
-            "document.getElementById('edit').value.includes('<script>') && document.getElementById('edit').value")
-        seen["next_diff_html"] = await page.js("document.getElementById('diff').innerHTML")
-        seen["title_after"] = await page.js("document.title")
-        return seen
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
-def test_annotator_edits_and_submits_in_headless_chromium(app_server, tmp_path):
-    import asyncio
-    import re
-
-    queue, server = app_server
-    queue.lease_timeout_s = 60.0
-    first, second = queue.enqueue(rollouts(["12 + 4 = 15", EVIL]))
-    proc, ws_url = start_chromium(tmp_path / "cdp-profile")
-    try:
-        shot = tmp_path / "human_teacher.png"
-        seen = asyncio.run(asyncio.wait_for(_drive_page(ws_url, f"{server.url}/#token={ALICE}", shot), 60))
-    finally:
-        proc.terminate()
-        proc.wait(15)
-    assert seen["prompt"] == "Prompt 0: 12 + 4 = 15" and seen["textarea"] == "12 + 4 = 15"
-    assert seen["status"] == "saved (edit distance 1)"
-    done = queue.get(first)
-    assert (done.state, done.corrected, done.annotator) == ("done", "12 + 4 = 16", "alice")
-    assert "15" in seen["diff"] and "16" in seen["diff"]
-    assert seen["next_textarea"] == EVIL  # the <script> response, as text in the editor
-    assert "&lt;script&gt;" in seen["next_diff_html"] and "<script>" not in seen["next_diff_html"]
-    assert seen["title_before"] == seen["title_after"] == "correction-rl: correct responses"
-    assert queue.get(second).lease_owner == "alice" and shot.stat().st_size > 5000
-    if os.environ.get("CORRECTION_RL_UPDATE_DOCS_IMG"):  # refresh docs/human-teachers.md's screenshot
-        shutil.copy(shot, Path(__file__).resolve().parents[1] / "docs" / "img" / "human_teacher.png")
+    cfg = config_from_dict({"output_dir": str(tmp_path), "mode": "async", "model": {"path": str(tiny_model_dir)},
+                            "teacher": {"kind": "human", "human_wait_s": 600},
+                            "resources": {"call_timeout_s": 300}})
+    with pytest.raises(ValueError, match=r"human_wait_s=600 must be < resources.call_timeout_s=300"):
+        build_human_teacher(cfg)

@@ -72,6 +72,37 @@ def test_concurrent_annotators_never_share_an_item(tmp_path):
     assert sum(s["corrections"] for s in q.annotator_stats().values()) == 60
 
 
+def _process_worker(path: str, name: str, n_items: int, start: float) -> None:
+    """One training process and one annotator at once, like a Ray teacher worker beside the app."""
+    import time as _time
+
+    q = CorrectionQueue(path, lease_timeout_s=600)
+    _time.sleep(max(0.0, start - _time.time()))  # all processes open and write at the same moment
+    q.enqueue(rollouts([f"{name}-{k}" for k in range(n_items)]))
+    while (item := q.lease(name)) is not None:
+        q.complete(item.item_id, name, item.response + "!")
+
+
+def test_processes_sharing_one_queue_file_never_share_an_item_or_lose_a_save(tmp_path):
+    import multiprocessing
+    import time
+
+    path = tmp_path / "shared.sqlite"  # created by the racing processes themselves
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 1.5
+    procs = [ctx.Process(target=_process_worker, args=(str(path), f"w{i}", 30, start)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    q = CorrectionQueue(path)
+    assert q.counts() == {"pending": 0, "leased": 0, "done": 90, "cancelled": 0}
+    rows = q._conn().execute("SELECT leases, corrected, response FROM items").fetchall()
+    assert all(r["leases"] == 1 and r["corrected"] == r["response"] + "!" for r in rows)
+    assert q._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_saved_corrections_survive_reopening_the_queue(tmp_path):
     path = tmp_path / "q.sqlite"
     q = CorrectionQueue(path)
@@ -96,7 +127,8 @@ def test_teacher_times_out_withdraws_and_counts_and_uses_the_fallback(tmp_path):
     m = teacher.metrics()
     assert m["teacher/human/rejected/timeout"] == 2 and m["teacher/human/queue_depth"] == 0
 
-    backed = HumanTeacher(q, wait_s=0.2, poll_s=0.05, fallback=OracleTeacher())
+    q2 = CorrectionQueue(tmp_path / "q2.sqlite")  # metrics count the whole queue file
+    backed = HumanTeacher(q2, wait_s=0.2, poll_s=0.05, fallback=OracleTeacher())
     out = backed.correct(rollouts(["1", "3"]))  # answers of 0+0 and 1+1
     assert [(c.corrected_text, c.teacher) for c in out] == [("0", "oracle"), ("2", "oracle")]
     assert backed.metrics()["teacher/human/fallback"] == 2

@@ -1,6 +1,7 @@
-"""Exact resume of a real in-process run (``correction-rl train --mode inprocess``) in a
-subprocess: SIGKILL mid-run, resume, SIGTERM (graceful stop with a checkpoint), corrupt the
-newest checkpoint, resume again from the previous one, reach ``total_steps``.
+"""Exact resume of a real run (``correction-rl train``, in-process and the Ray system in
+``async`` mode, each starting its own local Ray) in a subprocess: SIGKILL mid-run, resume,
+SIGTERM (graceful stop with a checkpoint), corrupt the newest checkpoint, resume again from the
+previous one, reach ``total_steps``.
 
 Checked on the files the runs leave: the step counter continues from each checkpoint, every
 pair is in the correction log exactly once, the pairs the killed run logged after its checkpoint
@@ -29,9 +30,9 @@ pytestmark = pytest.mark.slow
 TOTAL = 16
 
 
-def _config(tmp_path: Path, model_dir: Path) -> Path:
+def _config(tmp_path: Path, model_dir: Path, mode: str) -> Path:
     cfg = {
-        "name": "resume", "output_dir": str(tmp_path / "runs"), "mode": "inprocess", "seed": 0,
+        "name": "resume", "output_dir": str(tmp_path / "runs"), "mode": mode, "seed": 0,
         "total_steps": TOTAL,
         "model": {"path": str(model_dir)},
         "task": {"names": ["addition"], "num_train": 200, "num_eval": 8},
@@ -42,6 +43,7 @@ def _config(tmp_path: Path, model_dir: Path) -> Path:
         "eval": {"every_steps": 0, "num_prompts": 8, "sampled": False},
         "metrics": {"wandb_mode": "offline", "progress": "lines"},
         "checkpoint": {"every_steps": 2, "keep": 3},
+        "resources": {"call_timeout_s": 240, "start_timeout_s": 400},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -53,8 +55,8 @@ def _start(args: list[str], tmp_path: Path, tag: str) -> tuple[subprocess.Popen,
     # Each run gets its own W&B service: wandb exports WANDB_SERVICE in a process that started
     # one (an earlier test in this session), and a child connected to it would find the
     # SIGKILLed run's id still "in use" there on resume.
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env.update(TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SERVICE", "RAY_ADDRESS")}
+    env.update(TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true", CRL_TEST_JOB=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "correction_rl.cli", "train", *args],
                             stdout=subprocess.DEVNULL, stderr=open(err, "w"), env=env)
     return proc, err
@@ -71,6 +73,20 @@ def _wait_for(cond, proc: subprocess.Popen, err: Path, timeout: float = 120):
         time.sleep(0.05)
     proc.kill()
     pytest.fail(f"condition not met within {timeout} s:\n{err.read_text()[-3000:]}")
+
+
+def _kill_job_leftovers(tmp_path: Path) -> None:
+    """After SIGKILLing a Ray driver: its local Ray dies with it (Ray's fate sharing), but do
+    not rely on that in a test — kill any process that still carries this job's marker."""
+    marker = f"CRL_TEST_JOB={tmp_path}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _log_records(path: Path) -> int:
@@ -91,16 +107,18 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
 
 
-def test_sigkill_resume_sigterm_corrupt_resume_reaches_total_steps(tmp_path, tiny_model_dir):
-    config = _config(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("mode", ["inprocess", "async"])
+def test_sigkill_resume_sigterm_corrupt_resume_reaches_total_steps(tmp_path, tiny_model_dir, mode):
+    config = _config(tmp_path, tiny_model_dir, mode)
     run_dir = tmp_path / "runs" / "resume"
     log_path = run_dir / "corrections.jsonl"
 
     # 1. SIGKILL after a checkpoint, with teacher work logged after it
     proc, err = _start(["--config", str(config)], tmp_path, "a")
-    _wait_for(_killable(run_dir), proc, err)
+    _wait_for(_killable(run_dir), proc, err, timeout=240)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
+    _kill_job_leftovers(tmp_path)
     ck_a, _ = latest_valid(run_dir)
     logged_after_a = _log_records(log_path) - ck_a.state["buffer"]["log_records"]
     steps_a = [r["step"] for r in _train_rows(run_dir)]
@@ -108,7 +126,7 @@ def test_sigkill_resume_sigterm_corrupt_resume_reaches_total_steps(tmp_path, tin
 
     # 2. resume; SIGTERM once it has checkpointed past step ck_a: graceful stop + checkpoint
     proc, err = _start(["--resume", str(run_dir)], tmp_path, "b")
-    _wait_for(lambda: len(_train_rows(run_dir)) > len(steps_a) + 2, proc, err)
+    _wait_for(lambda: len(_train_rows(run_dir)) > len(steps_a) + 2, proc, err, timeout=240)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(120)
     stderr_b = err.read_text()

@@ -10,6 +10,7 @@ teacher workers, which push pairs straight into the buffer actor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -28,6 +29,7 @@ from correction_rl.components import (
 from correction_rl.config import RunConfig
 from correction_rl.correction_log import CorrectionLog
 from correction_rl.prompt_stream import PromptStream
+from correction_rl.rollout.base import EngineUnhealthy
 from correction_rl.types import CorrectionPair, Prompt, Rollout, StepStats, WeightUpdate
 
 
@@ -60,9 +62,45 @@ class RolloutWorker:
         self.calls = 0
         self.tokens = 0
         self.init_model = None  # loaded on first evaluation (KL reference)
+        self.busy_since: float | None = None
+        """When the running ``generate`` / ``load_weights`` started (None: idle); a call that
+        runs far longer than any should means a stuck engine (``health``)."""
 
     def pid(self) -> int:
         return os.getpid()
+
+    def health(self) -> dict[str, Any]:
+        """Lock-free (it must answer while a generation runs): the process id (a new one means
+        Ray restarted this actor), the engine's own verdict (``check_health``: None = serving),
+        and how long the current engine call has been running."""
+        busy = self.busy_since
+        return {
+            "pid": os.getpid(),
+            "engine_problem": self.engine_problem(),
+            "busy_for_s": 0.0 if busy is None else time.monotonic() - busy,
+        }
+
+    def engine_problem(self) -> str | None:
+        check = getattr(self.generator, "check_health", None)
+        return check() if callable(check) else None
+
+    def _raise_if_unhealthy(self) -> None:
+        problem = self.engine_problem()
+        if problem is not None:
+            raise EngineUnhealthy(f"rollout worker {self.worker_id} cannot load weights: {problem}")
+
+    @contextlib.contextmanager
+    def engine_lock(self):
+        """``self.lock`` for a weight load. A dead vLLM engine leaves the generation that was
+        running blocked forever, holding the lock: fail fast with the engine's verdict instead
+        of waiting for the sync timeout."""
+        while not self.lock.acquire(timeout=1.0):
+            self._raise_if_unhealthy()
+        try:
+            self._raise_if_unhealthy()  # calls into a dead engine block: do not make one
+            yield
+        finally:
+            self.lock.release()
 
     def policy_version(self) -> int:
         return self.generator.policy_version
@@ -71,9 +109,13 @@ class RolloutWorker:
         """One batch of rollouts from the next prompts of this worker's stream."""
         with self.lock:
             start = time.perf_counter()
-            prompts = self.stream.next_batch(self.cfg.rollout.batch_size)
-            seed = (self.cfg.seed * 1_000_003 + self.worker_id * 7919 + self.calls) % 2**31
-            rollouts = self.generator.generate(prompts, rollout_sampling(self.cfg, seed))
+            self.busy_since = time.monotonic()
+            try:
+                prompts = self.stream.next_batch(self.cfg.rollout.batch_size)
+                seed = (self.cfg.seed * 1_000_003 + self.worker_id * 7919 + self.calls) % 2**31
+                rollouts = self.generator.generate(prompts, rollout_sampling(self.cfg, seed))
+            finally:
+                self.busy_since = None
             self.clock.add(time.perf_counter() - start)
             self.calls += 1
             self.tokens += sum(len(r.response_ids) for r in rollouts)
@@ -84,7 +126,10 @@ class RolloutWorker:
 
         Back-pressure: before each batch the worker waits (in short slices, so ``stop`` is
         honoured) until the buffer has room for more unconsumed pairs, and it never has more than
-        ``max_inflight`` batches waiting at the teachers.
+        ``max_inflight`` batches waiting at the teachers. Before handing a batch to a teacher it
+        reports its prompt-stream position after that batch to the buffer actor, so a restarted
+        worker continues after the last batch it handed off (``BufferActor.stream_position``):
+        the batch it was generating is redone, no prompt goes to the teacher twice.
         """
         self.stop_event.clear()  # a worker may produce again after an earlier stop (new driver)
         inflight: list = []
@@ -93,6 +138,9 @@ class RolloutWorker:
             if not ray.get(buffer.wait_for_room.remote(0.5), timeout=call_timeout_s):
                 continue
             rollouts = self.generate()
+            # position first (acknowledged), then the hand-off: a worker killed in between
+            # skips this batch's prompts on restart instead of paying the teacher twice for them
+            ray.get(buffer.note_stream_position.remote(self.worker_id, self.state_dict()), timeout=call_timeout_s)
             teacher = teachers[batches % len(teachers)]
             inflight.append(teacher.correct_and_store.remote(rollouts, buffer))
             batches += 1
@@ -108,14 +156,18 @@ class RolloutWorker:
     def load_weights(self, update: WeightUpdate) -> int:
         from correction_rl.distributed.weights import from_transport
 
-        with self.lock:
+        with self.engine_lock():
             start = time.perf_counter()
-            if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
-                time.sleep(self.cfg.sync.inject_load_delay_s)
-            update = from_transport(update)
-            # Engines that can keep the mapped, read-only buckets skip the copy (docs/rollout.md).
-            adopt = getattr(self.generator, "adopt_weights", None)
-            (adopt or self.generator.load_weights)(update)
+            self.busy_since = time.monotonic()
+            try:
+                if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
+                    time.sleep(self.cfg.sync.inject_load_delay_s)
+                update = from_transport(update)
+                # Engines that can keep the mapped, read-only buckets skip the copy (docs/rollout.md).
+                adopt = getattr(self.generator, "adopt_weights", None)
+                (adopt or self.generator.load_weights)(update)
+            finally:
+                self.busy_since = None
             self.clock.add(time.perf_counter() - start)
             return self.generator.policy_version
 
@@ -173,6 +225,107 @@ class RolloutWorker:
         close = getattr(self.generator, "close", None)
         if close:
             close()
+
+    # === collective weight transport (sync.transport: collective; distributed/collective.py) ===
+    # This worker (HF engine: the actor process itself) or its vLLM engine's workers (GPU:
+    # ``crl_nccl_init`` in rollout/vllm_worker.py) are members of a weight group whose rank 0 is
+    # learner rank 0. The state lives in attributes created on first join, so a worker restarted
+    # by Ray reports "not joined" (``collective_generation`` is None) and the driver rebuilds.
+
+    def _collective_vllm(self) -> bool:
+        return callable(getattr(self.generator, "receive_nccl", None))
+
+    def collective_num_ranks(self) -> int:
+        """Members this worker adds to the group: its vLLM engine's workers, or itself (HF)."""
+        return int(getattr(self.generator, "num_workers", 1)) if self._collective_vllm() else 1
+
+    def collective_generation(self) -> int | None:
+        """The group generation this worker joined (None: none). Lock-free: it must answer while
+        a generation runs."""
+        return getattr(self, "_wg_generation", None)
+
+    def collective_join(self, address, rank_offset: int, layout, timeout_s: float) -> int:
+        """Leave any previous group, then join ``address`` as rank ``rank_offset`` (vLLM: its
+        workers from that rank on). Holds the lock: vLLM's ``LLM`` must not serve an RPC while it
+        generates. Blocks until every member joined (bounded: ``SyncTimeout``)."""
+        from correction_rl.sync import run_with_timeout
+        from correction_rl.weight_group import WeightGroup, portable_timeouts
+
+        with self.lock, portable_timeouts():
+            self._collective_close()
+            if self._collective_vllm():
+                if address.backend != "nccl":
+                    raise ValueError(
+                        "a vLLM engine joins NCCL weight groups only (its worker extension has no "
+                        "gloo receiver); use sync.transport=object_store on CPU"
+                    )
+                llm = self.generator.llm
+                stage = f"vLLM workers joining the NCCL weight group from rank {rank_offset}"
+                run_with_timeout(
+                    lambda: llm.collective_rpc("crl_nccl_init", timeout=timeout_s, args=(
+                        address.host, address.port, rank_offset, address.world_size)),
+                    timeout_s, -1, stage,
+                )
+                self._wg = "vllm"
+            else:
+                device = getattr(self.generator, "device", None) if address.backend == "nccl" else "cpu"
+                self._wg = WeightGroup.join(address, rank_offset, timeout_s, device=device)
+            self._wg_layout = layout
+            self._wg_generation = address.generation
+            return address.generation
+
+    def collective_receive(self, version: int, timeout_s: float):
+        """Receive version ``version`` from learner rank 0 and load it, under the lock like
+        ``load_weights`` (and with its fault drill ``sync.inject_load_delay_s``). The received
+        buckets are fresh, so the HF engine adopts them without a copy. Returns a
+        ``TransferReport``."""
+        from correction_rl.sync import run_with_timeout
+        from correction_rl.weight_group import TransferReport, portable_timeouts
+
+        group = getattr(self, "_wg", None)
+        if group is None:
+            raise RuntimeError(f"rollout worker {self.worker_id} is in no weight group (restarted?)")
+        layout = self._wg_layout
+        with self.lock, portable_timeouts():
+            start = time.perf_counter()
+            deadline = time.monotonic() + timeout_s
+            self.busy_since = time.monotonic()  # the driver's stall check sees a stuck receive
+            try:
+                if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
+                    time.sleep(self.cfg.sync.inject_load_delay_s)
+                remaining = max(1e-3, deadline - time.monotonic())
+                t0 = time.perf_counter()
+                if group == "vllm":
+                    run_with_timeout(lambda: self.generator.receive_nccl(layout.describe(version)),
+                                     remaining, version, "vLLM workers receive + reload")
+                    transfer = time.perf_counter() - t0
+                else:
+                    update = group.receive(layout, version, remaining)
+                    transfer = time.perf_counter() - t0
+                    adopt = getattr(self.generator, "adopt_weights", None)
+                    (adopt or self.generator.load_weights)(update)
+            finally:
+                self.busy_since = None
+            seconds = time.perf_counter() - start
+            self.clock.add(seconds)
+        return TransferReport(version=self.generator.policy_version, seconds=seconds,
+                              transfer_seconds=transfer, num_bytes=layout.num_bytes)
+
+    def collective_leave(self) -> None:
+        with self.lock:
+            self._collective_close()
+
+    def _collective_close(self) -> None:
+        group = getattr(self, "_wg", None)
+        self._wg, self._wg_layout, self._wg_generation = None, None, None
+        if group == "vllm":
+            llm = getattr(self.generator, "llm", None)
+            if llm is not None:
+                llm.collective_rpc("crl_nccl_close", timeout=30)
+        elif group is not None:
+            group.close()
+
+    # === end of the collective weight transport block ======================================
 
 
 class TeacherWorker:
@@ -243,12 +396,26 @@ class BufferActor:
 
     def __init__(self, cfg: RunConfig, log_path: str):
         self.buffer = ReplayBuffer(buffer_config(cfg), CorrectionLog(log_path, meta={"run": cfg.name}))
+        self.stream_positions: dict[int, dict[str, Any]] = {}
+        """Each rollout worker's last reported prompt-stream state (``note_stream_position``)."""
 
     def add(self, pairs: list[CorrectionPair]) -> int:
         return self.buffer.add(pairs).admitted
 
     def wait_for_room(self, timeout: float) -> bool:
         return self.buffer.wait_for_room(timeout)
+
+    def note_stream_position(self, worker_id: int, state: dict[str, Any]) -> None:
+        """A producer's prompt-stream state after a batch it handed off. Kept here because the
+        buffer actor lives as long as the run and Ray never restarts it, so a restarted rollout
+        worker can continue where its predecessor stopped. Calls may arrive out of order (this
+        actor is threaded): the state with the most sampling calls wins."""
+        known = self.stream_positions.get(worker_id)
+        if known is None or state["calls"] >= known["calls"]:
+            self.stream_positions[worker_id] = state
+
+    def stream_position(self, worker_id: int) -> dict[str, Any] | None:
+        return self.stream_positions.get(worker_id)
 
     def sample(self, n: int, learner_version: int, timeout: float) -> list[CorrectionPair] | None:
         """Wait up to ``timeout`` for ``n`` admissible pairs, then sample them (None if not)."""
@@ -345,8 +512,79 @@ class LearnerRank:
         return self.learner.version
 
     def save_pretrained(self, path: str) -> None:
+        """Every rank must call it: under ZeRO-3 the weights are gathered collectively; rank 0
+        writes."""
         if self.rank == 0:
             self.learner.save_pretrained(path)
+        else:
+            for _ in self.learner.named_weights():  # take part in the gathers
+                pass
 
     def metrics(self) -> dict[str, Any]:
         return {f"train/rank{self.rank}/idle_fraction": self.clock.idle_fraction()}
+
+    # === collective weight transport (sync.transport: collective; distributed/collective.py) ===
+    # Rank 0 is rank 0 of the weight group and broadcasts; every learner rank still calls
+    # ``collective_layout`` / ``collective_send`` because under ZeRO-3 gathering the weights is
+    # a collective of the learner's own world.
+
+    def collective_layout(self):
+        """The static ``WeightLayout`` of this model's updates (rank 0; other ranks take part in
+        the gathers and return None). Planned on meta tensors: no second copy of the weights."""
+        from correction_rl.weight_group import WeightLayout
+
+        named = self.learner.named_weights()
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return None
+        return WeightLayout.plan(named, self.cfg.sync.bucket_mb * 2**20)
+
+    def collective_join(self, address, layout, timeout_s: float) -> int:
+        """Rank 0 only: leave any previous group, then host and join ``address`` as its rank 0
+        (blocks until every member joined; bounded: ``SyncTimeout``)."""
+        import torch
+
+        from correction_rl.weight_group import WeightGroup, portable_timeouts
+
+        if self.rank != 0:
+            raise RuntimeError(f"learner rank {self.rank} is not a weight group member; rank 0 is")
+        self.collective_leave()
+        device = torch.device("cuda", torch.cuda.current_device()) if address.backend == "nccl" else None
+        with portable_timeouts():
+            self._wg = WeightGroup.join(address, 0, timeout_s, device=device)
+        self._wg_layout = layout
+        return address.generation
+
+    def collective_send(self, version: int, timeout_s: float):
+        """Gather (every rank), bucket and broadcast (rank 0) the current weights as ``version``.
+        Rank 0 gathers before any check can fail, so the other ranks never wait in a gather
+        rank 0 skipped. Returns rank 0's ``TransferReport`` (None on other ranks)."""
+        from correction_rl.sync import flatten_to_buckets
+        from correction_rl.weight_group import TransferReport, portable_timeouts
+
+        start = time.perf_counter()
+        named = self.learner.named_weights()
+        if self.rank != 0:
+            for _ in named:  # take part in the gathers
+                pass
+            return None
+        update = flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
+        group = getattr(self, "_wg", None)
+        if group is None:
+            raise RuntimeError("learner rank 0 is in no weight group; the driver must set it up first")
+        if update.version != version:
+            raise ValueError(f"the driver syncs version {version}, learner rank 0 holds {update.version}")
+        self._wg_layout.check(update)
+        with portable_timeouts():
+            transfer = group.send(update, max(1e-3, timeout_s - (time.perf_counter() - start)))
+        return TransferReport(version=version, seconds=time.perf_counter() - start,
+                              transfer_seconds=transfer, num_bytes=update.num_bytes)
+
+    def collective_leave(self) -> None:
+        group = getattr(self, "_wg", None)
+        self._wg, self._wg_layout = None, None
+        if group is not None:
+            group.close()
+
+    # === end of the collective weight transport block ======================================

@@ -37,7 +37,7 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": _driver_env_vars()}
+    env = {"env_vars": _driver_env_vars(cfg)}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
@@ -50,10 +50,17 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
-def _driver_env_vars() -> dict[str, str]:
+def _driver_env_vars(cfg: RunConfig) -> dict[str, str]:
     """Environment every actor gets, minus keys a submitted job's runtime_env already sets:
-    Ray refuses to merge a job's and a driver's runtime_env that set the same variable."""
+    Ray refuses to merge a job's and a driver's runtime_env that set the same variable.
+
+    The teacher's secrets (``teacher.api_key_env``, ``teacher.human_tokens_env``) are read by
+    the teacher actors, which on a running cluster do not inherit the driver's environment:
+    they travel with the job when set where ``correction-rl train`` runs."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
+    for name in (cfg.teacher.api_key_env, cfg.teacher.human_tokens_env):
+        if name and os.environ.get(name):
+            env[name] = os.environ[name]
     job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by `ray job submit` for the entrypoint
     if job:
         try:

@@ -13,8 +13,12 @@ compared on the same config (benchmarks/bench_pipeline.py).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,50 @@ from correction_rl.diffs import maybe_log_corrections
 from correction_rl.distributed.cluster import Cluster, describe_placement, init_ray, start_cluster
 from correction_rl.distributed.weights import ObjectStoreSync
 from correction_rl.evaluation import EvalReport
-from correction_rl.loop import RunResult, _wandb_run_id, find_checkpoint, load_report, save_report
+from correction_rl.loop import (
+    RunInterrupted,
+    RunResult,
+    StopSignals,
+    _wandb_run_id,
+    find_checkpoint,
+    load_report,
+    save_report,
+)
+from correction_rl.rollout.base import EngineUnhealthy
 from correction_rl.sync import SyncReport, SyncTimeout
 from correction_rl.types import CorrectionPair, StepStats
+
+
+@dataclasses.dataclass
+class TelemetryRequest:
+    """Outstanding metrics and pid calls to every actor (``Driver.request_telemetry``)."""
+
+    metrics: list
+    rollout_health: list
+    teacher_pids: list
+
+
+class PhaseClock:
+    """Seconds the driver spent in each phase of one step (``driver/<phase>_s`` metrics): where
+    a step's wall time goes when the pipeline is slower than its slowest stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def as_metrics(self) -> dict[str, float]:
+        """Per phase, and ``driver/step_s``: the whole step so far (what the phases leave out
+        is the driver's own bookkeeping)."""
+        return {**{f"driver/{k}_s": v for k, v in self.seconds.items()},
+                "driver/step_s": time.perf_counter() - self.started}
 
 
 def _get(refs, timeout: float, what: str):
@@ -59,7 +104,9 @@ class Driver:
         self.cluster = cluster
         self.eval_prompts = eval_prompts
         self.version = 0
-        self.sync = ObjectStoreSync(cluster.rollout_workers, cfg.sync.timeout_s)
+        from correction_rl.distributed.collective import make_weight_sync
+
+        self.sync = make_weight_sync(cfg, cluster.learners, cluster.rollout_workers)  # sync.transport
         self.timeout = cfg.resources.call_timeout_s
         self.pairs_trained = 0
         self.started = time.perf_counter()
@@ -69,6 +116,15 @@ class Driver:
         self.max_producer_restarts = max(1, cfg.resources.max_actor_restarts) * (
             len(cluster.rollout_workers) + len(cluster.teachers))
         self.pids = self.actor_pids()
+        self.pending_sync: concurrent.futures.Future | None = None
+        """A weight sync still loading in the background (async mode, ``begin_background_sync``)."""
+        self.held_row: tuple[int, dict[str, float]] | None = None
+        """The metrics row of the step whose sync is in the background, logged when it ends."""
+        self.sink: Any = None
+        self.retired_pids: set[int] = set()
+        """Processes Ray replaced (telemetry is collected a step late: it may still name them)."""
+        self.stream_states: dict[int, dict[str, Any]] = {}
+        """Sync mode: each rollout worker's stream state after the last lockstep round."""
 
     # -- phases -------------------------------------------------------------------------------
     def learn(self, pairs: list[CorrectionPair]) -> StepStats:
@@ -87,32 +143,112 @@ class Driver:
         return _while_restarting(self._sync_weights, "weight sync", self.cfg.resources.start_timeout_s)
 
     def _sync_weights(self) -> SyncReport:
-        """Rank 0 publishes the buckets once; every rollout worker loads them; hard deadline."""
-        start = time.perf_counter()
-        exports = [r.export.remote() for r in self.cluster.learners]
+        """Object store: rank 0 publishes the buckets once; every rollout worker loads them.
+        Collective: rank 0 broadcasts them into every worker through the weight group, which is
+        (re)built first when a member is not in it (a worker Ray restarted). Hard deadline."""
+        if not isinstance(self.sync, ObjectStoreSync):  # CollectiveSync (distributed/collective.py)
+            return self.sync.sync(self.version)
+        return self._publish_export(self._export(), time.perf_counter(), self.version)
+
+    def _export(self) -> list:
+        """Ask every learner rank to export (rank 0 publishes). Called from the driver's main
+        thread only: Ray runs one caller's calls to an actor in order, so the export sees this
+        step's weights, never the next step's."""
+        return [r.export.remote() for r in self.cluster.learners]
+
+    def _publish_export(self, exports: list, start: float, version: int) -> SyncReport:
         try:
             published = ray.get(exports, timeout=self.cfg.sync.timeout_s)[0]
         except ray.exceptions.GetTimeoutError:
-            raise SyncTimeout(self.version, "weight export on the learner ranks", self.cfg.sync.timeout_s) from None
+            raise SyncTimeout(version, "weight export on the learner ranks", self.cfg.sync.timeout_s) from None
         report = self.sync.publish_ref(
             published["ref"][0], published["version"], published["num_bytes"], published["num_buckets"],
             timeout_s=max(1e-3, self.cfg.sync.timeout_s - (time.perf_counter() - start)),
         )
         return dataclasses.replace(report, seconds=time.perf_counter() - start)  # export included
 
+    def can_sync_in_background(self) -> bool:
+        """Async mode, object-store transport: the learner need not wait while rollout workers
+        load a version (each finishes its running generation first, which can take as long as
+        a learner step). The collective transport keeps learner rank 0 in the broadcast, so
+        there is nothing to overlap."""
+        return self.cfg.mode == "async" and isinstance(self.sync, ObjectStoreSync)
+
+    def begin_background_sync(self) -> None:
+        """Export now (ordered before the next step), let a thread wait for the loads; its
+        report is collected by ``finish_background_sync`` before the next sync, checkpoint,
+        evaluation, producer restart or the end of the run."""
+        exports, start, version = self._export(), time.perf_counter(), self.version
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._publish_export(exports, start, version))
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                future.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True, name=f"weight-sync-v{version}").start()
+        self.pending_sync = future
+
+    def finish_background_sync(self) -> None:
+        """Wait for the pending background sync (if any) and log the metrics row of the step
+        that started it, now complete with its ``sync/*`` figures (rows stay in step order:
+        the next step's row is logged after it). If the sync failed (an engine died or stalled
+        while loading, a worker restarting), sync the current version again the checked way,
+        which replaces dead engines or stops the run with ``SyncTimeout``."""
+        future, self.pending_sync = self.pending_sync, None
+        if future is None:
+            return
+        try:  # the thread's own waits are bounded by sync.timeout_s
+            metrics = future.result(timeout=2 * self.cfg.sync.timeout_s + 60).as_metrics()
+        except (EngineUnhealthy, SyncTimeout, ray.exceptions.RayActorError, concurrent.futures.TimeoutError) as exc:
+            print(f"warning: background weight sync failed ({type(exc).__name__}: {exc}); "
+                  "syncing again with the health check", flush=True)
+            metrics = self.sync_to_healthy_engines().as_metrics()
+        self.flush_held_row(metrics)
+
+    def flush_held_row(self, extra: dict[str, float]) -> None:
+        if self.held_row is not None:
+            step, row = self.held_row
+            self.held_row = None
+            self.sink.log({**row, **extra}, step=step)
+
     def evaluate(self) -> EvalReport:
         worker = self.cluster.rollout_workers[0]
         return _while_restarting(lambda: _get(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation"),
                                  "held-out evaluation", self.cfg.resources.start_timeout_s)
 
-    def role_metrics(self) -> dict[str, float]:
-        actors = [*self.cluster.rollout_workers, *self.cluster.teachers, *self.cluster.learners]
+    def request_telemetry(self) -> "TelemetryRequest":
+        """Ask every actor for its metrics and the producers for their process ids, without
+        waiting: the driver collects the answers one step later, so a step never waits for them."""
+        c = self.cluster
+        actors = [*c.rollout_workers, *c.teachers, *c.learners, c.buffer]
+        return TelemetryRequest(
+            metrics=[a.metrics.remote() for a in actors],
+            rollout_health=[w.health.remote() for w in c.rollout_workers],
+            teacher_pids=[t.pid.remote() for t in c.teachers],
+        )
+
+    def collect_telemetry(self, request: "TelemetryRequest | None" = None) -> dict[str, float]:
+        """Role metrics (``*/idle_fraction``, buffer, teacher counters, ``system/*``) and restart
+        counting, from ``request`` (issued a step earlier) or a fresh one. An answer lost with an
+        actor that died meanwhile is asked again once Ray has restarted it (bounded)."""
+
+        def fetch(req: TelemetryRequest) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[int]]:
+            return (_get(req.metrics, self.timeout, "metrics"),
+                    _get(req.rollout_health, self.timeout, "rollout worker health"),
+                    _get(req.teacher_pids, self.timeout, "teacher pids"))
+
+        try:
+            gathered, health, teacher_pids = fetch(request or self.request_telemetry())
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+            gathered, health, teacher_pids = _while_restarting(
+                lambda: fetch(self.request_telemetry()), "metrics", self.cfg.resources.start_timeout_s)
+        self.note_restarts({"rollout": [h["pid"] for h in health], "teacher": teacher_pids})
+        self.replace_unhealthy(dict(enumerate(health)))
         out: dict[str, float] = {}
-        gathered = _while_restarting(lambda: _get([a.metrics.remote() for a in actors], self.timeout, "metrics"),
-                                     "metrics", self.cfg.resources.start_timeout_s)
         for metrics in gathered:
             out.update(metrics)
-        out.update(_get(self.cluster.buffer.metrics.remote(), self.timeout, "buffer metrics"))
         wall = time.perf_counter() - self.started
         out["system/pairs_per_s"] = self.pairs_trained / max(wall, 1e-9)
         for role in ("rollout", "teacher", "train"):
@@ -133,14 +269,100 @@ class Driver:
         }
 
     def count_restarts(self) -> None:
-        """A changed process id means Ray restarted that actor (``max_actor_restarts``)."""
-        pids = self.actor_pids()
+        self.note_restarts(self.actor_pids())
+
+    def note_restarts(self, pids: dict[str, list[int]]) -> None:
+        """A changed process id means Ray restarted that actor (``max_actor_restarts``). A
+        restarted rollout worker continues its prompt stream where its predecessor was."""
         for role, now in pids.items():
             for i, (old, new) in enumerate(zip(self.pids[role], now)):
-                if old != new:
+                if new in self.retired_pids:  # a late answer from before the restart
+                    now[i] = old
+                elif old != new:
+                    self.retired_pids.add(old)
                     self.faults[f"faults/{role}_restarts"] = self.faults.get(f"faults/{role}_restarts", 0) + 1
                     print(f"warning: {role} worker {i} was restarted (pid {old} -> {new})", flush=True)
+                    if role == "rollout":
+                        self.restore_stream(i)
         self.pids = pids
+
+    def restore_stream(self, i: int) -> None:
+        """Put restarted rollout worker ``i`` back at its last known prompt-stream position:
+        the one its producer reported after its last handed-off batch (async: kept by the buffer
+        actor), the one after the last lockstep round (sync), or the checkpoint's (a resumed
+        run), so the lost batch is redone and no prompt is drawn twice."""
+        state = self.stream_states.get(i)
+        if self.cfg.mode == "async":
+            state = _get(self.cluster.buffer.stream_position.remote(i), self.timeout, "stream position") or state
+        if state is not None:
+            _while_restarting(lambda: _get(self.cluster.rollout_workers[i].load_state_dict.remote(state),
+                                           self.timeout, "rollout worker stream restore"),
+                              "rollout worker stream restore", self.cfg.resources.start_timeout_s)
+            self.faults["faults/streams_restored"] = self.faults.get("faults/streams_restored", 0) + 1
+
+    def sync_to_healthy_engines(self) -> SyncReport:
+        """``sync_weights`` after the engine health check; an engine that died after the check
+        fails its load at once (``EngineUnhealthy``): its worker is replaced and the sync
+        repeated (bounded by ``resources.max_actor_restarts``)."""
+        for attempt in range(self.cfg.resources.max_actor_restarts + 1):
+            self.check_engines()
+            try:
+                return self.sync_weights()
+            except (EngineUnhealthy, SyncTimeout) as exc:
+                # an engine that died during its load stalls it: a sync timeout is recoverable
+                # when the health check now finds (and replaces) a dead engine, else it stops the run
+                if attempt == self.cfg.resources.max_actor_restarts:
+                    raise
+                if isinstance(exc, SyncTimeout) and not self.check_engines():
+                    raise
+                print(f"warning: {exc}; the worker was replaced, syncing again", flush=True)
+        raise AssertionError("unreachable")
+
+    def check_engines(self) -> int:
+        """Before a sync: a dead engine leaves its worker's generation blocked with the worker's
+        lock held, so the sync would wait for it until ``sync.timeout_s``; replace it first.
+        Returns the number of workers replaced."""
+        workers = self.cluster.rollout_workers
+        health = _while_restarting(
+            lambda: _get([w.health.remote() for w in workers], self.timeout, "rollout worker health"),
+            "rollout worker health", self.cfg.resources.start_timeout_s)
+        replaced = self.replace_unhealthy(dict(enumerate(health)))
+        if replaced:
+            self.count_restarts()
+        return replaced
+
+    def replace_unhealthy(self, health: dict[int, dict[str, Any]]) -> int:
+        """Engine health check (``RolloutWorker.health`` by worker index): a worker whose engine
+        died or whose current engine call has run past ``resources.engine_stall_timeout_s`` is
+        killed, and this waits (bounded) until Ray has restarted it with a new engine;
+        ``revive_producers`` then gives it the weights, its stream and a new producer."""
+        limit = self.cfg.resources.engine_stall_timeout_s
+        replaced = 0
+        for i, h in health.items():
+            if h["pid"] in self.retired_pids:  # a late answer about a process already replaced
+                continue
+            problem = h["engine_problem"] or (
+                f"its engine call has run {h['busy_for_s']:.0f} s (> resources.engine_stall_timeout_s={limit:.0f})"
+                if h["busy_for_s"] > limit else None)
+            if problem is None:
+                continue
+            self.faults["faults/unhealthy_engines"] = self.faults.get("faults/unhealthy_engines", 0) + 1
+            print(f"warning: rollout worker {i} is unhealthy ({problem}); restarting it", flush=True)
+            worker = self.cluster.rollout_workers[i]
+            ray.kill(worker, no_restart=False)
+            deadline = time.monotonic() + self.cfg.resources.start_timeout_s
+            while True:  # calls fail while the old process dies and the new one starts
+                try:
+                    if _get(worker.pid.remote(), self.timeout, "rollout worker pid") != h["pid"]:
+                        break
+                except ray.exceptions.RayActorError:  # ActorUnavailableError included
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rollout worker {i} was not restarted within "
+                                       f"resources.start_timeout_s={self.cfg.resources.start_timeout_s:.0f} s")
+                time.sleep(0.5)
+            replaced += 1
+        return replaced
 
     def revive_producers(self) -> None:
         """Async mode: a producer task ends only when stopped or when its rollout worker (or a
@@ -151,6 +373,7 @@ class Driver:
         done, _ = ray.wait(self.producers, num_returns=len(self.producers), timeout=0)
         if not done:
             return
+        self.finish_background_sync()  # a pending load must not race the restarted worker's sync
         for ref in done:
             i = self.producers.index(ref)
             try:
@@ -165,9 +388,22 @@ class Driver:
                     f"(last: worker {i}, {reason}); more than resources.max_actor_restarts allows"
                 )
             print(f"warning: producer of rollout worker {i} ended ({reason}); restarting it", flush=True)
+            if reason == "RayTaskError":  # the actor lives: was it its engine that failed?
+                worker = self.cluster.rollout_workers[i]
+                health = _while_restarting(lambda: _get(worker.health.remote(), self.timeout, "rollout worker health"),
+                                           "rollout worker health", self.cfg.resources.start_timeout_s)
+                self.replace_unhealthy({i: health})
             self.count_restarts()
             self.sync_weights()  # a restarted engine starts from the initial weights
             self.producers[i] = self._produce(self.cluster.rollout_workers[i])
+
+    def tend_producers(self) -> None:
+        """Between the 5-second slices of a wait for a batch: a producer whose engine died is
+        blocked forever inside vLLM rather than failed, so check the engines (replacing dead
+        ones ends their producers), then restart ended producers."""
+        if self.producers:
+            self.check_engines()
+        self.revive_producers()
 
     def _produce(self, worker):
         return worker.produce.remote(
@@ -210,6 +446,7 @@ class Driver:
         if len(workers) == len(c.rollout_workers):  # else: fresh streams (worker count changed)
             _get([w.load_state_dict.remote(s) for w, s in zip(c.rollout_workers, workers)],
                  self.timeout, "rollout worker restore")
+            self.stream_states = dict(enumerate(workers))
         self.sync_weights()
         return {
             "resume/from_step": float(ckpt.step),
@@ -255,11 +492,35 @@ class Driver:
         return pairs
 
     def collect_lockstep(self) -> None:
-        """Sync mode: every worker generates one batch; teachers correct; pairs are stored."""
-        workers, teachers = self.cluster.rollout_workers, self.cluster.teachers
-        batches = _get([w.generate.remote() for w in workers], self.timeout, "generation")
+        """Sync mode: every worker generates one batch; teachers correct; pairs are stored. A
+        rollout worker that dies during the round is restarted by Ray: the driver restores its
+        stream and the current weights into it and repeats the round (bounded by
+        ``resources.max_actor_restarts``; teacher calls are retried by Ray itself)."""
+        workers = self.cluster.rollout_workers
+        calls = {i: w.generate.remote() for i, w in enumerate(workers)}
+        batches: dict[int, list] = {}
+        for attempt in range(self.cfg.resources.max_actor_restarts + 1):
+            failed = []
+            for i, ref in calls.items():
+                try:
+                    batches[i] = _get(ref, self.timeout, "generation")
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    failed.append(i)
+            if not failed:
+                break
+            if attempt == self.cfg.resources.max_actor_restarts:
+                raise RuntimeError(f"rollout workers {failed} failed generating {attempt + 1} times in a "
+                                   "row; more than resources.max_actor_restarts allows")
+            print(f"warning: rollout workers {failed} died while generating; repeating their batch "
+                  "on the restarted actors", flush=True)
+            self.count_restarts()  # waits for the restart, restores the streams
+            self.sync_weights()
+            calls = {i: workers[i].generate.remote() for i in failed}
+        self.stream_states = dict(enumerate(_get(
+            [w.state_dict.remote() for w in self.cluster.rollout_workers], self.timeout, "stream states")))
+        teachers = self.cluster.teachers
         pair_lists = _get(
-            [teachers[i % len(teachers)].correct.remote(b) for i, b in enumerate(batches)],
+            [teachers[i % len(teachers)].correct.remote(batches[i]) for i in range(len(workers))],
             self.timeout,
             "correction",
         )
@@ -287,40 +548,72 @@ class Driver:
         resume_metrics = dict(resume_metrics or {})
         every_ckpt = self.cfg.checkpoint.every_steps
         try:
-            self._train(sink, resume_metrics, every_ckpt, wandb_run_id)
-        except (SyncTimeout, TimeoutError, ray.exceptions.RayActorError) as exc:
+            with StopSignals() as signals:
+                self._train(sink, resume_metrics, every_ckpt, wandb_run_id, signals)
+        except (SyncTimeout, TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             self.stop_with_checkpoint(exc, wandb_run_id)
             raise
 
-    def _train(self, sink, resume_metrics, every_ckpt, wandb_run_id) -> None:
+    def _train(self, sink, resume_metrics, every_ckpt, wandb_run_id, signals: StopSignals) -> None:
+        self.sink = sink
         if self.cfg.mode == "async":
             self.producers = [self._produce(w) for w in self.cluster.rollout_workers]
+        telemetry = None  # requested at the end of one step, collected at the end of the next
         try:
             while self.version < self.cfg.total_steps:
-                self.revive_producers()
-                pairs = self.next_batch(self.revive_producers)
+                clock = PhaseClock()
+                with clock("sample"):
+                    self.revive_producers()
+                    pairs = self.next_batch(self.tend_producers)
                 staleness = [self.version - p.policy_version for p in pairs]
-                metrics: dict[str, Any] = self.learn(pairs).as_metrics()
+                with clock("learn"):
+                    metrics: dict[str, Any] = self.learn(pairs).as_metrics()
                 maybe_log_corrections(sink, pairs, None, self.version, self.cfg)  # W&B table (diffs.py)
                 metrics["buffer/batch_staleness_mean"] = sum(staleness) / max(1, len(staleness))
                 metrics["buffer/batch_staleness_max"] = float(max(staleness, default=0))
-                if self.version % self.cfg.sync.every_steps == 0 or self.version == self.cfg.total_steps:
-                    metrics.update(self.sync_weights().as_metrics())
                 every = self.cfg.eval.every_steps
-                if every and self.version % every == 0 and self.version < self.cfg.total_steps:
-                    metrics.update(self.evaluate().as_metrics())
-                metrics.update(self.role_metrics())
-                self.count_restarts()
+                evaluating = bool(every) and self.version % every == 0 and self.version < self.cfg.total_steps
+                stopping = signals.received is not None and self.version < self.cfg.total_steps
+                checkpointing = stopping or (bool(every_ckpt) and self.version % every_ckpt == 0
+                                             and self.version < self.cfg.total_steps)
+                background = False
+                if self.version % self.cfg.sync.every_steps == 0 or self.version == self.cfg.total_steps:
+                    with clock("sync"):
+                        self.finish_background_sync()  # the previous one
+                        background = self.can_sync_in_background() and not (
+                            evaluating or checkpointing or self.version == self.cfg.total_steps)
+                        if background:
+                            self.begin_background_sync()
+                        else:
+                            metrics.update(self.sync_to_healthy_engines().as_metrics())
+                if evaluating:
+                    with clock("eval"):
+                        metrics.update(self.evaluate().as_metrics())
+                with clock("metrics"):
+                    last = self.version >= self.cfg.total_steps
+                    metrics.update(self.collect_telemetry(None if last else telemetry))
+                    telemetry = None if last else self.request_telemetry()
                 metrics.update(self.faults)
+                metrics.update(clock.as_metrics())
                 metrics.update(resume_metrics)
                 resume_metrics = {}
-                if every_ckpt and self.version % every_ckpt == 0 and self.version < self.cfg.total_steps:
+                # SIGINT/SIGTERM: the step is done; leave a checkpoint, then stop (the caller's
+                # ``finally`` closes W&B and the actors)
+                checkpoint = None
+                if checkpointing:
                     t0 = time.perf_counter()
-                    self.write_checkpoint(wandb_run_id)
+                    checkpoint = self.write_checkpoint(wandb_run_id)
                     metrics["checkpoint/seconds"] = time.perf_counter() - t0
                     metrics["checkpoint/step"] = float(self.version)
-                sink.log(metrics, step=self.version)
+                if background:
+                    self.held_row = (self.version, metrics)
+                else:
+                    self.finish_background_sync()  # one from an earlier step (sync.every_steps > 1)
+                    sink.log(metrics, step=self.version)
+                if stopping:
+                    raise RunInterrupted(signals.received, self.version, checkpoint)
         except BaseException:
+            self.flush_held_row({})  # its sync's outcome is unknown; the step itself happened
             for w in self.cluster.rollout_workers:
                 w.stop.remote()
             if self.producers:  # bounded: a stalled worker must not turn a fault into a hang
@@ -355,12 +648,14 @@ def run(cfg: RunConfig) -> RunResult:
             sink.log(before.as_metrics(), step=0)
         resume_metrics = driver.restore(ckpt) if ckpt is not None else None
         if ckpt is not None:
-            print(f"resumed from {ckpt.path} at step {ckpt.step}", flush=True)
+            print(f"resumed from {ckpt.path} at step {ckpt.step} "
+                  f"({int(resume_metrics['resume/pairs_logged_after_checkpoint'])} pairs logged after it, "
+                  f"buffer {int(resume_metrics['resume/buffer_size'])})", file=sys.stderr, flush=True)
         driver.train(sink, resume_metrics, wandb_id)
         after = driver.evaluate()
         save_report(after, run_dir / "eval_after.json")
         sink.log(after.as_metrics(), step=driver.version)
-        _get(cluster.learners[0].save_pretrained.remote(str(run_dir / "policy")), driver.timeout, "save")
+        _get([r.save_pretrained.remote(str(run_dir / "policy")) for r in cluster.learners], driver.timeout, "save")
         (run_dir / "roles.json").write_text(json.dumps(placement_record(cluster), indent=2) + "\n")
         driver.write_checkpoint(wandb_id)
         return RunResult(run_dir, driver.version, before, after)

@@ -24,3 +24,8 @@ class Generator(Protocol):
     def load_weights(self, update: WeightUpdate) -> None:
         """Replace the engine's weights with ``update`` and adopt ``update.version``."""
         ...
+
+
+class EngineUnhealthy(RuntimeError):
+    """An engine that can no longer serve (its process died, ``check_health`` says why). The
+    Ray driver replaces the rollout worker that raised it (docs/reliability.md)."""

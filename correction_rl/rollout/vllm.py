@@ -285,6 +285,20 @@ class VLLMGenerator:
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    def check_health(self) -> str | None:
+        """None while the engine can serve, else why not. vLLM runs its engine core (and, with
+        tensor parallelism, its workers) in child processes; when one dies, vLLM's monitor
+        thread marks the engine dead and every later ``generate`` raises. Asked between steps
+        by the Ray driver (lock-free: it must answer while a generation is running), which
+        replaces a worker whose engine is dead (docs/reliability.md)."""
+        llm = self.llm
+        if llm is None:
+            return "engine closed"
+        resources = getattr(getattr(llm.llm_engine, "engine_core", None), "resources", None)
+        if getattr(resources, "engine_dead", False):
+            return "vLLM engine core died (EngineDeadError)"
+        return None
+
     def close(self) -> None:
         """Shut the engine core and its workers down and free their memory."""
         self._release_arena()

@@ -3,7 +3,8 @@
 Why SQLite: one file, transactions, and a commit that is on disk before we tell the browser
 "saved" — enough for the handful of annotators one machine serves (docs/human-teachers.md says
 how to scale past it). Every state change is one ``BEGIN IMMEDIATE`` transaction, so several
-web-server threads, the training process and an offline import can share the file.
+web-server threads, several training processes on one node (the Ray modes' teacher workers) and
+an offline import can share the file.
 
 Leases: ``lease()`` hands an item to exactly one annotator until ``lease_expires``; an item whose
 lease ran out (closed tab, lost laptop) is offered again. ``complete()`` only succeeds for the
@@ -54,6 +55,8 @@ CREATE TABLE IF NOT EXISTS skips (
 """
 
 OPEN_STATES = ("pending", "leased")
+BUSY_TIMEOUT_S = 30.0
+"""How long one write waits for another process's transaction before failing."""
 
 
 class QueueError(RuntimeError):
@@ -85,9 +88,12 @@ class Item:
 
 
 class CorrectionQueue:
-    """Thread-safe handle on one queue file (one connection per thread, WAL journal)."""
+    """Thread-safe handle on one queue file (one connection per thread, WAL journal); handles in
+    several processes (the Ray teacher workers) share the file safely."""
 
     def __init__(self, path: str | Path, lease_timeout_s: float = 300.0) -> None:
+        """Opens (creating if needed) the queue file; any number of handles, in any number of
+        processes on the same node, may share one file."""
         if lease_timeout_s <= 0:
             raise ValueError(f"lease_timeout_s={lease_timeout_s}: must be > 0")
         self.path = Path(path)
@@ -101,12 +107,38 @@ class CorrectionQueue:
     # -- connection plumbing -----------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, set up for several processes on one node sharing the file.
+
+        * ``busy_timeout`` (``BUSY_TIMEOUT_S``): a writer waits for another process's transaction
+          instead of failing with "database is locked"; every write is one short ``BEGIN
+          IMMEDIATE`` transaction (the write lock is taken up front, so two writers never
+          deadlock upgrading read locks).
+        * WAL journal: readers (the teachers polling ``done``) never block the writer (a save)
+          and vice versa. WAL needs shared memory, hence one node and a local disk.
+        * ``synchronous=FULL``: a commit is on disk before we tell the browser "saved".
+
+        Switching a new file to WAL needs a moment of exclusive access, which SQLite does not
+        always wait for; when several processes open a fresh file at once we retry (bounded)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # committed == on disk, before "saved"
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            deadline = time.monotonic() + BUSY_TIMEOUT_S
+            while True:
+                try:
+                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        conn.close()
+                        raise QueueError(f"{self.path}: cannot switch to WAL journal: {exc}") from exc
+                    time.sleep(0.05)
+            if mode.lower() != "wal":
+                conn.close()
+                raise QueueError(f"{self.path}: journal mode {mode!r}, not WAL (a network file system? "
+                                 "the queue needs a local disk, docs/human-teachers.md)")
+            conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
 
@@ -280,6 +312,11 @@ class CorrectionQueue:
         out = {s: 0 for s in ("pending", "leased", "done", "cancelled")}
         out.update({r["state"]: r["n"] for r in rows})
         return out
+
+    def wait_s_mean(self) -> float:
+        """Mean time from enqueue to saved correction over all finished items."""
+        row = self._conn().execute("SELECT AVG(done_at - enqueued_at) FROM items WHERE state='done'").fetchone()
+        return float(row[0] or 0.0)
 
     def depth(self) -> int:
         """Items waiting for a correction (pending or leased)."""

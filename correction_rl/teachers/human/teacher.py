@@ -11,9 +11,7 @@ never saved — never both, never lost.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from typing import Sequence
 
 from correction_rl.teachers.base import Teacher
@@ -43,13 +41,12 @@ class HumanTeacher:
         self.poll_s = float(poll_s)
         self.fallback = fallback
         self.server = server
-        """The running web app (``app.Server``) when this teacher started one; stopped by ``close``."""
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-        self._wait_sum = 0.0
+        """This process's share of the web app (``host.HostLease``, or an ``app.Server``) when the
+        teacher was built with one; released by ``close`` (the app moves to another process)."""
 
     @property
     def url(self) -> str | None:
+        """The web app's address (the serving process may be another one), or None."""
         return self.server.url if self.server is not None else None
 
     def correct(self, rollouts: Sequence[Rollout]) -> list[Correction]:
@@ -76,34 +73,29 @@ class HumanTeacher:
                 continue
             wait = float(item.done_at - item.enqueued_at)
             out.append(Correction(rollout=rollout, corrected_text=item.corrected, teacher=self.name, latency_s=wait))
-            with self._lock:
-                self._wait_sum += wait
-        with self._lock:
-            self._counts["rollouts"] += len(ids)
-            self._counts["accepted"] += len(ids) - len(missing)
-            self._counts["timeouts"] += len(missing)
         if missing and self.fallback is not None:
             backup = self.fallback.correct([rollouts[k] for k in missing])
             for k, correction in zip(missing, backup):
                 out[k] = correction
-            with self._lock:
-                self._counts["fallback"] += len(missing)
         return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, float]:
-        """``teacher/human/...``: queue depth, time to correct, edit distance per annotator."""
+        """``teacher/human/...``: queue depth, time to correct, edit distance per annotator.
+
+        All of them are counted over the whole queue file, not this process: in the Ray modes
+        several teacher workers share one queue and the driver merges their metric dicts key by
+        key, so every worker must report the same, complete numbers. A withdrawn (cancelled)
+        item is exactly a ``timeout`` — only ``correct()`` withdraws items."""
         counts = self.queue.counts()
-        with self._lock:
-            c = dict(self._counts)
-            wait_mean = self._wait_sum / c["accepted"] if c.get("accepted") else 0.0
+        withdrawn = float(counts["cancelled"])
         out = {
             f"{PREFIX}queue_depth": float(counts["pending"] + counts["leased"]),
             f"{PREFIX}queue_leased": float(counts["leased"]),
-            f"{PREFIX}rollouts": float(c.get("rollouts", 0)),
-            f"{PREFIX}accepted": float(c.get("accepted", 0)),
-            f"{PREFIX}rejected/timeout": float(c.get("timeouts", 0)),
-            f"{PREFIX}fallback": float(c.get("fallback", 0)),
-            f"{PREFIX}wait_s_mean": wait_mean,
+            f"{PREFIX}rollouts": float(sum(counts.values())),
+            f"{PREFIX}accepted": float(counts["done"]),
+            f"{PREFIX}rejected/timeout": withdrawn,
+            f"{PREFIX}fallback": withdrawn if self.fallback is not None else 0.0,
+            f"{PREFIX}wait_s_mean": self.queue.wait_s_mean(),
         }
         for who, stats in self.queue.annotator_stats().items():
             for key, value in stats.items():
