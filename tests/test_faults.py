@@ -94,53 +94,6 @@ def _alive_pid(class_name: str) -> int:
     return pids[0]
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-def test_killed_rollout_and_teacher_actors_restart_and_the_run_finishes(tmp_path, ray_local, tiny_model_dir, mode):
-    from correction_rl.distributed.driver import run
-
-    cfg = system_config(tmp_path, tiny_model_dir, "restarts", mode=mode, total_steps=10, eval__every_steps=0,
-                        checkpoint__every_steps=0, metrics__wandb_mode="disabled",
-                        learner__backend="torch", resources__max_actor_restarts=2,
-                        resources__call_timeout_s=120)
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=run(cfg)), daemon=True)
-    thread.start()
-    metrics = cfg.run_dir / "metrics.jsonl"
-
-    def wait_step(k: int, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and thread.is_alive():
-            if metrics.exists() and any(r.get("step", 0) >= k and "train/loss" in r for r in read_jsonl_metrics(metrics)):
-                return
-            time.sleep(0.2)
-        pytest.fail(f"step {k} not reached (thread alive: {thread.is_alive()})")
-
-    wait_step(2)
-    rollout_pid = _alive_pid("RolloutWorker")
-    os.kill(rollout_pid, signal.SIGKILL)
-    wait_step(5)
-    teacher_pid = _alive_pid("TeacherWorker")
-    os.kill(teacher_pid, signal.SIGKILL)
-    thread.join(400)
-    assert not thread.is_alive()
-    assert outcome["result"].steps == cfg.total_steps
-    rows = [r for r in read_jsonl_metrics(metrics) if "train/loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
-    last = rows[-1]
-    assert last["faults/rollout_restarts"] == 1
-    assert last["faults/teacher_restarts"] == 1
-    if mode == "async":  # sync mode has no producer tasks: it repeats the lost batch
-        assert last["faults/producer_restarts"] >= 1
-    # the restarted rollout worker serves the learner's policy again
-    assert last["rollout/worker0/version"] == cfg.total_steps
-    # ... and continued its prompt stream where its predecessor handed off its last batch: a
-    # restart from the beginning of the stream would draw the first prompts a second time
-    assert last["faults/streams_restored"] == 1
-    prompt_ids = [p.prompt_id for p in read(cfg.run_dir / "corrections.jsonl")]
-    assert len(prompt_ids) > 3 * cfg.rollout.batch_size
-    assert len(set(prompt_ids)) == len(prompt_ids), "a prompt was drawn twice"
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for proc in Path("/proc").iterdir():
@@ -178,6 +131,39 @@ def _wait_step(cfg, thread, k: int, timeout: float = 300) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"step {k} not reached (thread alive: {thread.is_alive()})")
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_killed_rollout_and_teacher_actors_restart_and_the_run_finishes(tmp_path, ray_local, tiny_model_dir, mode):
+    cfg = system_config(tmp_path, tiny_model_dir, "restarts", mode=mode, total_steps=10, eval__every_steps=0,
+                        checkpoint__every_steps=0, metrics__wandb_mode="disabled",
+                        learner__backend="torch", resources__max_actor_restarts=2,
+                        resources__call_timeout_s=120)
+    thread, outcome = _run_in_thread(cfg)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    _wait_step(cfg, thread, 2)
+    os.kill(_alive_pid("RolloutWorker"), signal.SIGKILL)
+    _wait_step(cfg, thread, 5)
+    os.kill(_alive_pid("TeacherWorker"), signal.SIGKILL)
+    thread.join(400)
+    assert not thread.is_alive()
+    assert "result" in outcome, outcome
+    assert outcome["result"].steps == cfg.total_steps
+    rows = [r for r in read_jsonl_metrics(metrics) if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
+    last = rows[-1]
+    assert last["faults/rollout_restarts"] == 1
+    assert last["faults/teacher_restarts"] == 1
+    if mode == "async":  # sync mode has no producer tasks: it repeats the lost batch
+        assert last["faults/producer_restarts"] >= 1
+    # the restarted rollout worker serves the learner's policy again
+    assert last["rollout/worker0/version"] == cfg.total_steps
+    # ... and continued its prompt stream where its predecessor handed off its last batch: a
+    # restart from the beginning of the stream would draw the first prompts a second time
+    assert last["faults/streams_restored"] == 1
+    prompt_ids = [p.prompt_id for p in read(cfg.run_dir / "corrections.jsonl")]
+    assert len(prompt_ids) > 3 * cfg.rollout.batch_size
+    assert len(set(prompt_ids)) == len(prompt_ids), "a prompt was drawn twice"
 
 
 def test_a_dead_learner_rank_stops_the_run_naming_the_checkpoint_to_resume_from(tmp_path, ray_local, tiny_model_dir):

@@ -345,12 +345,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[int], pause_s: float = 0.0) -> None:
-    """Answers every item with the oracle's minimal correction, through the HTTP API only."""
+def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[tuple[float, int]],
+                       pause_s: float = 0.0, answering: threading.Event | None = None) -> None:
+    """A person at the page, scripted: answers every item with the task's minimal correction,
+    through the HTTP API only (while ``answering`` is set, if given), and records (when, edit
+    distance) of each save; rides out the app being down or moving to another process."""
     from correction_rl.tasks import get_task
 
     with httpx.Client(base_url=url, timeout=10) as c:
         while not stop.is_set():
+            if answering is not None and not answering.wait(0.1):
+                continue
             try:
                 item = c.post("/api/next", json={}, headers=auth(token, **POST)).json()["item"]
                 if item is None:
@@ -364,7 +369,7 @@ def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[
                 time.sleep(0.2)           # the next /api/next gives back the item still leased to us
                 continue
             assert r.status_code == 200, r.text
-            saved.append(r.json()["edit_distance"])
+            saved.append((time.time(), r.json()["edit_distance"]))
             time.sleep(pause_s)  # leave some items to the (slower) person in the browser
 
 

@@ -16,10 +16,9 @@ import httpx
 import pytest
 
 from correction_rl.metrics import read_jsonl_metrics
-from correction_rl.types import Prompt
 
 from test_distributed import system_config
-from test_human_app import ALICE, BOB, POST, _free_port, auth
+from test_human_app import ALICE, BOB, _free_port, auth, scripted_annotator
 
 pytestmark = pytest.mark.slow
 
@@ -40,31 +39,6 @@ def lock_holder(lock_file) -> int | None:
         if "FLOCK" in parts and int(parts[-3].rsplit(":", 1)[1]) == inode:
             return int(parts[4] if parts[1] == "FLOCK" else parts[5])
     return None
-
-
-def annotate(url: str, token: str, stop: threading.Event, answering: threading.Event, saved: list) -> None:
-    """A person at the page, scripted: answers every item with the task's minimal correction,
-    through the HTTP API only, while ``answering`` is set; rides out the app moving process."""
-    from correction_rl.tasks import get_task
-
-    with httpx.Client(base_url=url, timeout=10) as c:
-        while not stop.is_set():
-            if not answering.wait(0.1):
-                continue
-            try:
-                item = c.post("/api/next", json={}, headers=auth(token, **POST)).json()["item"]
-                if item is None:
-                    time.sleep(0.1)
-                    continue
-                prompt = Prompt(prompt_id="human", text=item["prompt"], task=item["task"])
-                fixed = get_task(item["task"]).minimal_correction(prompt, item["response"])
-                r = c.post("/api/submit", json={"item_id": item["item_id"], "corrected_text": fixed},
-                           headers=auth(token, **POST))
-            except httpx.TransportError:
-                time.sleep(0.2)
-                continue
-            if r.status_code == 200:
-                saved.append((time.time(), fixed))
 
 
 def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, ray_local, tiny_model_dir):
@@ -89,7 +63,7 @@ def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, r
     answering.set()
     saved: list = []
     outcome: dict = {}
-    annotator = threading.Thread(target=annotate, args=(f"http://127.0.0.1:{port}", BOB, stop, answering, saved),
+    annotator = threading.Thread(target=scripted_annotator, args=(f"http://127.0.0.1:{port}", BOB, stop, saved, 0.0, answering),
                                  daemon=True)
     runner = threading.Thread(target=lambda: outcome.update(result=run(cfg)), daemon=True)
     annotator.start()

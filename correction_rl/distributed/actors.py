@@ -485,6 +485,20 @@ class LearnerRank:
         """Gather the full weights (a collective under ZeRO-3: every rank calls it); rank 0 puts
         them into the object store once and returns the reference with the update's size."""
         from correction_rl.distributed.weights import to_transport
+
+        update = self.gathered_update()
+        if update is None:
+            return None
+        return {
+            "ref": [ray.put(to_transport(update))],  # nested, so Ray passes the reference along
+            "version": update.version,
+            "num_bytes": update.num_bytes,
+            "num_buckets": len(update.buckets),
+        }
+
+    def gathered_update(self) -> WeightUpdate | None:
+        """The full weights as buckets on rank 0 (None on the others). Every rank must call it:
+        under ZeRO-3 each parameter is gathered collectively."""
         from correction_rl.sync import flatten_to_buckets
 
         named = self.learner.named_weights()
@@ -492,13 +506,7 @@ class LearnerRank:
             for _ in named:  # take part in the gathers
                 pass
             return None
-        update = flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
-        return {
-            "ref": [ray.put(to_transport(update))],  # nested, so Ray passes the reference along
-            "version": update.version,
-            "num_bytes": update.num_bytes,
-            "num_buckets": len(update.buckets),
-        }
+        return flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
 
     def version(self) -> int:
         return self.learner.version
@@ -560,16 +568,12 @@ class LearnerRank:
         """Gather (every rank), bucket and broadcast (rank 0) the current weights as ``version``.
         Rank 0 gathers before any check can fail, so the other ranks never wait in a gather
         rank 0 skipped. Returns rank 0's ``TransferReport`` (None on other ranks)."""
-        from correction_rl.sync import flatten_to_buckets
         from correction_rl.weight_group import TransferReport, portable_timeouts
 
         start = time.perf_counter()
-        named = self.learner.named_weights()
-        if self.rank != 0:
-            for _ in named:  # take part in the gathers
-                pass
+        update = self.gathered_update()
+        if update is None:
             return None
-        update = flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
         group = getattr(self, "_wg", None)
         if group is None:
             raise RuntimeError("learner rank 0 is in no weight group; the driver must set it up first")
