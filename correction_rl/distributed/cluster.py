@@ -287,6 +287,10 @@ class Cluster:
     bundles: list[dict[str, float]] = field(default_factory=list)
     """The placement-group bundle of each learner / rollout / teacher actor, in that order."""
     label_selectors: list[dict[str, str]] = field(default_factory=list)
+    constructor_args: list = field(default_factory=list)
+    """Object refs of the restartable actors' constructor arguments (the prompt shards), held
+    for the run: Ray re-runs a restarted actor's constructor with them, so they must not go
+    out of scope (ray-project/ray#53727)."""
 
     @property
     def all_actors(self) -> list:
@@ -329,7 +333,7 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
         actor_cls = ray.remote(LearnerRank).options(**options(index, max_restarts=0))
         learners.append(actor_cls.remote(cfg, rank, res.num_learner_ranks, master[0], master[1]))
         index += 1
-    shards = [train_prompts[i :: res.num_rollout_workers] for i in range(res.num_rollout_workers)]
+    shards = [ray.put(train_prompts[i :: res.num_rollout_workers]) for i in range(res.num_rollout_workers)]
     rollout_workers = []
     for worker_id in range(res.num_rollout_workers):
         actor_cls = ray.remote(RolloutWorker).options(
@@ -348,7 +352,7 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
         cfg, str(cfg.run_dir / "corrections.jsonl")
     )
     cluster = Cluster(cfg, group, learners, rollout_workers, teachers, buffer, roles, bundles,
-                      role_label_selectors(res))
+                      role_label_selectors(res), constructor_args=shards)
     # Constructors run concurrently (the learner ranks rendezvous with each other in theirs).
     try:
         ray.get([a.pid.remote() for a in cluster.all_actors if a is not buffer], timeout=res.start_timeout_s)

@@ -29,7 +29,10 @@ from correction_rl.checkpoint import Checkpoint, save_checkpoint
 from correction_rl.components import build_sink, load_prompts
 from correction_rl.config import RunConfig, dump_config, to_dict
 from correction_rl.diffs import maybe_log_corrections
+from correction_rl.distributed.calls import get_within, while_restarting
 from correction_rl.distributed.cluster import Cluster, describe_placement, init_ray, start_cluster
+from correction_rl.distributed.collective import make_weight_sync
+from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.weights import ObjectStoreSync
 from correction_rl.evaluation import EvalReport
 from correction_rl.loop import (
@@ -78,60 +81,32 @@ class PhaseClock:
                 "driver/step_s": time.perf_counter() - self.started}
 
 
-def _get(refs, timeout: float, what: str):
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout:.0f} s") from None
-
-
-def _while_restarting(call, what: str, timeout: float):
-    """``call()``, retried while an actor it touches is being restarted by Ray (calls to a
-    restarting actor fail with ``ActorUnavailableError`` instead of waiting); bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: an actor was still restarting after {timeout:.0f} s") from None
-            time.sleep(1.0)
-
-
 class Driver:
     def __init__(self, cfg: RunConfig, cluster: Cluster, eval_prompts):
         self.cfg = cfg
         self.cluster = cluster
         self.eval_prompts = eval_prompts
         self.version = 0
-        from correction_rl.distributed.collective import make_weight_sync
-
         self.sync = make_weight_sync(cfg, cluster.learners, cluster.rollout_workers)  # sync.transport
         self.timeout = cfg.resources.call_timeout_s
         self.pairs_trained = 0
         self.started = time.perf_counter()
         self.producers: list = []
-        self.faults: dict[str, float] = {}
-        """Restart counters (``faults/*`` metrics)."""
         self.max_producer_restarts = max(1, cfg.resources.max_actor_restarts) * (
             len(cluster.rollout_workers) + len(cluster.teachers))
-        self.pids = self.actor_pids()
+        self.health = ActorHealth(cfg, cluster)
         self.pending_sync: concurrent.futures.Future | None = None
         """A weight sync still loading in the background (async mode, ``begin_background_sync``)."""
         self.held_row: tuple[int, dict[str, float]] | None = None
         """The metrics row of the step whose sync is in the background, logged when it ends."""
         self.sink: Any = None
-        self.retired_pids: set[int] = set()
-        """Processes Ray replaced (telemetry is collected a step late: it may still name them)."""
-        self.stream_states: dict[int, dict[str, Any]] = {}
-        """Sync mode: each rollout worker's stream state after the last lockstep round."""
 
     # -- phases -------------------------------------------------------------------------------
     def learn(self, pairs: list[CorrectionPair]) -> StepStats:
         """One step on every rank, each on its own shard of the sampled pairs."""
         ranks = self.cluster.learners
         shards = [pairs[i :: len(ranks)] for i in range(len(ranks))]
-        stats = _get([r.train_step.remote(s) for r, s in zip(ranks, shards)], self.timeout, "learner step")
+        stats = get_within([r.train_step.remote(s) for r, s in zip(ranks, shards)], self.timeout, "learner step")
         self.version = stats[0].step
         self.pairs_trained += sum(s.num_pairs for s in stats)
         ray.get(self.cluster.buffer.set_learner_version.remote(self.version), timeout=self.timeout)
@@ -140,7 +115,7 @@ class Driver:
     def sync_weights(self) -> SyncReport:
         """``_sync_weights``, repeated (same version: idempotent) if a rollout worker was
         restarting; a stalled one still raises ``SyncTimeout``."""
-        return _while_restarting(self._sync_weights, "weight sync", self.cfg.resources.start_timeout_s)
+        return while_restarting(self._sync_weights, "weight sync", self.cfg.resources.start_timeout_s)
 
     def _sync_weights(self) -> SyncReport:
         """Object store: rank 0 publishes the buckets once; every rollout worker loads them.
@@ -215,7 +190,7 @@ class Driver:
 
     def evaluate(self) -> EvalReport:
         worker = self.cluster.rollout_workers[0]
-        return _while_restarting(lambda: _get(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation"),
+        return while_restarting(lambda: get_within(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation"),
                                  "held-out evaluation", self.cfg.resources.start_timeout_s)
 
     def request_telemetry(self) -> "TelemetryRequest":
@@ -235,17 +210,17 @@ class Driver:
         actor that died meanwhile is asked again once Ray has restarted it (bounded)."""
 
         def fetch(req: TelemetryRequest) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[int]]:
-            return (_get(req.metrics, self.timeout, "metrics"),
-                    _get(req.rollout_health, self.timeout, "rollout worker health"),
-                    _get(req.teacher_pids, self.timeout, "teacher pids"))
+            return (get_within(req.metrics, self.timeout, "metrics"),
+                    get_within(req.rollout_health, self.timeout, "rollout worker health"),
+                    get_within(req.teacher_pids, self.timeout, "teacher pids"))
 
         try:
             gathered, health, teacher_pids = fetch(request or self.request_telemetry())
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
-            gathered, health, teacher_pids = _while_restarting(
+            gathered, health, teacher_pids = while_restarting(
                 lambda: fetch(self.request_telemetry()), "metrics", self.cfg.resources.start_timeout_s)
-        self.note_restarts({"rollout": [h["pid"] for h in health], "teacher": teacher_pids})
-        self.replace_unhealthy(dict(enumerate(health)))
+        self.health.note_restarts({"rollout": [h["pid"] for h in health], "teacher": teacher_pids})
+        self.health.replace_unhealthy(dict(enumerate(health)))
         out: dict[str, float] = {}
         for metrics in gathered:
             out.update(metrics)
@@ -257,55 +232,12 @@ class Driver:
                 out[f"system/{role}_idle_fraction"] = sum(idle) / len(idle)
         return out
 
-    # -- fault tolerance ----------------------------------------------------------------------
-    def actor_pids(self) -> dict[str, list[int]]:
-        return _while_restarting(self._actor_pids, "actor pids", self.cfg.resources.start_timeout_s)
-
-    def _actor_pids(self) -> dict[str, list[int]]:
-        c = self.cluster
-        return {
-            "rollout": _get([w.pid.remote() for w in c.rollout_workers], self.timeout, "rollout worker pids"),
-            "teacher": _get([t.pid.remote() for t in c.teachers], self.timeout, "teacher pids"),
-        }
-
-    def count_restarts(self) -> None:
-        self.note_restarts(self.actor_pids())
-
-    def note_restarts(self, pids: dict[str, list[int]]) -> None:
-        """A changed process id means Ray restarted that actor (``max_actor_restarts``). A
-        restarted rollout worker continues its prompt stream where its predecessor was."""
-        for role, now in pids.items():
-            for i, (old, new) in enumerate(zip(self.pids[role], now)):
-                if new in self.retired_pids:  # a late answer from before the restart
-                    now[i] = old
-                elif old != new:
-                    self.retired_pids.add(old)
-                    self.faults[f"faults/{role}_restarts"] = self.faults.get(f"faults/{role}_restarts", 0) + 1
-                    print(f"warning: {role} worker {i} was restarted (pid {old} -> {new})", flush=True)
-                    if role == "rollout":
-                        self.restore_stream(i)
-        self.pids = pids
-
-    def restore_stream(self, i: int) -> None:
-        """Put restarted rollout worker ``i`` back at its last known prompt-stream position:
-        the one its producer reported after its last handed-off batch (async: kept by the buffer
-        actor), the one after the last lockstep round (sync), or the checkpoint's (a resumed
-        run), so the lost batch is redone and no prompt is drawn twice."""
-        state = self.stream_states.get(i)
-        if self.cfg.mode == "async":
-            state = _get(self.cluster.buffer.stream_position.remote(i), self.timeout, "stream position") or state
-        if state is not None:
-            _while_restarting(lambda: _get(self.cluster.rollout_workers[i].load_state_dict.remote(state),
-                                           self.timeout, "rollout worker stream restore"),
-                              "rollout worker stream restore", self.cfg.resources.start_timeout_s)
-            self.faults["faults/streams_restored"] = self.faults.get("faults/streams_restored", 0) + 1
-
     def sync_to_healthy_engines(self) -> SyncReport:
         """``sync_weights`` after the engine health check; an engine that died after the check
         fails its load at once (``EngineUnhealthy``): its worker is replaced and the sync
         repeated (bounded by ``resources.max_actor_restarts``)."""
         for attempt in range(self.cfg.resources.max_actor_restarts + 1):
-            self.check_engines()
+            self.health.check_engines()
             try:
                 return self.sync_weights()
             except (EngineUnhealthy, SyncTimeout) as exc:
@@ -313,57 +245,12 @@ class Driver:
                 # when the health check now finds (and replaces) a dead engine, else it stops the run
                 if attempt == self.cfg.resources.max_actor_restarts:
                     raise
-                if isinstance(exc, SyncTimeout) and not self.check_engines():
+                if isinstance(exc, SyncTimeout) and not self.health.check_engines():
                     raise
                 print(f"warning: {exc}; the worker was replaced, syncing again", flush=True)
         raise AssertionError("unreachable")
 
-    def check_engines(self) -> int:
-        """Before a sync: a dead engine leaves its worker's generation blocked with the worker's
-        lock held, so the sync would wait for it until ``sync.timeout_s``; replace it first.
-        Returns the number of workers replaced."""
-        workers = self.cluster.rollout_workers
-        health = _while_restarting(
-            lambda: _get([w.health.remote() for w in workers], self.timeout, "rollout worker health"),
-            "rollout worker health", self.cfg.resources.start_timeout_s)
-        replaced = self.replace_unhealthy(dict(enumerate(health)))
-        if replaced:
-            self.count_restarts()
-        return replaced
-
-    def replace_unhealthy(self, health: dict[int, dict[str, Any]]) -> int:
-        """Engine health check (``RolloutWorker.health`` by worker index): a worker whose engine
-        died or whose current engine call has run past ``resources.engine_stall_timeout_s`` is
-        killed, and this waits (bounded) until Ray has restarted it with a new engine;
-        ``revive_producers`` then gives it the weights, its stream and a new producer."""
-        limit = self.cfg.resources.engine_stall_timeout_s
-        replaced = 0
-        for i, h in health.items():
-            if h["pid"] in self.retired_pids:  # a late answer about a process already replaced
-                continue
-            problem = h["engine_problem"] or (
-                f"its engine call has run {h['busy_for_s']:.0f} s (> resources.engine_stall_timeout_s={limit:.0f})"
-                if h["busy_for_s"] > limit else None)
-            if problem is None:
-                continue
-            self.faults["faults/unhealthy_engines"] = self.faults.get("faults/unhealthy_engines", 0) + 1
-            print(f"warning: rollout worker {i} is unhealthy ({problem}); restarting it", flush=True)
-            worker = self.cluster.rollout_workers[i]
-            ray.kill(worker, no_restart=False)
-            deadline = time.monotonic() + self.cfg.resources.start_timeout_s
-            while True:  # calls fail while the old process dies and the new one starts
-                try:
-                    if _get(worker.pid.remote(), self.timeout, "rollout worker pid") != h["pid"]:
-                        break
-                except ray.exceptions.RayActorError:  # ActorUnavailableError included
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rollout worker {i} was not restarted within "
-                                       f"resources.start_timeout_s={self.cfg.resources.start_timeout_s:.0f} s")
-                time.sleep(0.5)
-            replaced += 1
-        return replaced
-
+    # -- fault tolerance ----------------------------------------------------------------------
     def revive_producers(self) -> None:
         """Async mode: a producer task ends only when stopped or when its rollout worker (or a
         teacher it waited on, beyond its retries) died. Ray restarts the actor; here its
@@ -381,19 +268,19 @@ class Driver:
                 reason = "returned"
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 reason = type(exc).__name__
-            self.faults["faults/producer_restarts"] = self.faults.get("faults/producer_restarts", 0) + 1
-            if self.faults["faults/producer_restarts"] > self.max_producer_restarts:
+            restarts = self.health.count("faults/producer_restarts")
+            if restarts > self.max_producer_restarts:
                 raise RuntimeError(
-                    f"rollout producers failed {int(self.faults['faults/producer_restarts'])} times "
+                    f"rollout producers failed {int(restarts)} times "
                     f"(last: worker {i}, {reason}); more than resources.max_actor_restarts allows"
                 )
             print(f"warning: producer of rollout worker {i} ended ({reason}); restarting it", flush=True)
             if reason == "RayTaskError":  # the actor lives: was it its engine that failed?
                 worker = self.cluster.rollout_workers[i]
-                health = _while_restarting(lambda: _get(worker.health.remote(), self.timeout, "rollout worker health"),
+                health = while_restarting(lambda: get_within(worker.health.remote(), self.timeout, "rollout worker health"),
                                            "rollout worker health", self.cfg.resources.start_timeout_s)
-                self.replace_unhealthy({i: health})
-            self.count_restarts()
+                self.health.replace_unhealthy({i: health})
+            self.health.count_restarts()
             self.sync_weights()  # a restarted engine starts from the initial weights
             self.producers[i] = self._produce(self.cluster.rollout_workers[i])
 
@@ -402,7 +289,7 @@ class Driver:
         blocked forever inside vLLM rather than failed, so check the engines (replacing dead
         ones ends their producers), then restart ended producers."""
         if self.producers:
-            self.check_engines()
+            self.health.check_engines()
         self.revive_producers()
 
     def _produce(self, worker):
@@ -418,15 +305,15 @@ class Driver:
         c = self.cluster
         state = {
             "version": self.version,
-            "buffer": _get(c.buffer.state_dict.remote(), timeout, "buffer state for a checkpoint"),
-            "rollout_workers": _get([w.state_dict.remote() for w in c.rollout_workers], timeout,
+            "buffer": get_within(c.buffer.state_dict.remote(), timeout, "buffer state for a checkpoint"),
+            "rollout_workers": get_within([w.state_dict.remote() for w in c.rollout_workers], timeout,
                                     "rollout worker state for a checkpoint"),
             "pairs_trained": self.pairs_trained,
             "wandb_run_id": wandb_run_id,
         }
 
         def learner_files(directory: Path) -> None:
-            _get([r.save_state.remote(str(directory / "learner")) for r in c.learners], timeout,
+            get_within([r.save_state.remote(str(directory / "learner")) for r in c.learners], timeout,
                  "learner ranks saving a checkpoint")
 
         return save_checkpoint(self.cfg.run_dir, self.version, state, to_dict(self.cfg),
@@ -435,18 +322,18 @@ class Driver:
     def restore(self, ckpt: Checkpoint) -> dict[str, float]:
         """Load ``ckpt`` into freshly started actors, then push the restored weights out."""
         c, state = self.cluster, ckpt.state
-        versions = _get([r.load_state.remote(str(ckpt.path / "learner")) for r in c.learners],
+        versions = get_within([r.load_state.remote(str(ckpt.path / "learner")) for r in c.learners],
                         self.timeout, "learner ranks loading a checkpoint")
         if set(versions) != {state["version"]}:
             raise RuntimeError(f"{ckpt.path}: learner ranks restored versions {versions}, expected {state['version']}")
         self.version = state["version"]
         self.pairs_trained = state.get("pairs_trained", 0)
-        after = _get(c.buffer.load_state_dict.remote(state["buffer"]), self.timeout, "buffer restore")
+        after = get_within(c.buffer.load_state_dict.remote(state["buffer"]), self.timeout, "buffer restore")
         workers = state["rollout_workers"]
         if len(workers) == len(c.rollout_workers):  # else: fresh streams (worker count changed)
-            _get([w.load_state_dict.remote(s) for w, s in zip(c.rollout_workers, workers)],
+            get_within([w.load_state_dict.remote(s) for w, s in zip(c.rollout_workers, workers)],
                  self.timeout, "rollout worker restore")
-            self.stream_states = dict(enumerate(workers))
+            self.health.stream_states = dict(enumerate(workers))
         self.sync_weights()
         return {
             "resume/from_step": float(ckpt.step),
@@ -481,7 +368,7 @@ class Driver:
         pairs = None
         while pairs is None and time.monotonic() < deadline:
             wait = max(0.0, min(5.0, deadline - time.monotonic()))
-            pairs = _get(self.cluster.buffer.sample.remote(n, self.version, wait), wait + 60, "buffer sample")
+            pairs = get_within(self.cluster.buffer.sample.remote(n, self.version, wait), wait + 60, "buffer sample")
             if pairs is None and between_waits is not None:
                 between_waits()
         if pairs is None:
@@ -503,7 +390,7 @@ class Driver:
             failed = []
             for i, ref in calls.items():
                 try:
-                    batches[i] = _get(ref, self.timeout, "generation")
+                    batches[i] = get_within(ref, self.timeout, "generation")
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                     failed.append(i)
             if not failed:
@@ -513,26 +400,26 @@ class Driver:
                                    "row; more than resources.max_actor_restarts allows")
             print(f"warning: rollout workers {failed} died while generating; repeating their batch "
                   "on the restarted actors", flush=True)
-            self.count_restarts()  # waits for the restart, restores the streams
+            self.health.count_restarts()  # waits for the restart, restores the streams
             self.sync_weights()
             calls = {i: workers[i].generate.remote() for i in failed}
-        self.stream_states = dict(enumerate(_get(
+        self.health.stream_states = dict(enumerate(get_within(
             [w.state_dict.remote() for w in self.cluster.rollout_workers], self.timeout, "stream states")))
         teachers = self.cluster.teachers
-        pair_lists = _get(
+        pair_lists = get_within(
             [teachers[i % len(teachers)].correct.remote(batches[i]) for i in range(len(workers))],
             self.timeout,
             "correction",
         )
         pairs = [p for lst in pair_lists for p in lst]
-        _get(self.cluster.buffer.add.remote(pairs), self.timeout, "buffer add")
+        get_within(self.cluster.buffer.add.remote(pairs), self.timeout, "buffer add")
 
     def next_batch(self, between_waits=None) -> list[CorrectionPair]:
         if self.cfg.mode == "async":
             return self.sample(between_waits)
         n = self.cfg.learner.micro_batch_pairs * self.cfg.learner.grad_accum * len(self.cluster.learners)
         for _ in range(100):
-            pairs = _get(self.cluster.buffer.sample.remote(n, self.version, 0.0), self.timeout, "buffer sample")
+            pairs = get_within(self.cluster.buffer.sample.remote(n, self.version, 0.0), self.timeout, "buffer sample")
             if pairs is not None:
                 return pairs
             self.collect_lockstep()
@@ -593,7 +480,7 @@ class Driver:
                     last = self.version >= self.cfg.total_steps
                     metrics.update(self.collect_telemetry(None if last else telemetry))
                     telemetry = None if last else self.request_telemetry()
-                metrics.update(self.faults)
+                metrics.update(self.health.faults)
                 metrics.update(clock.as_metrics())
                 metrics.update(resume_metrics)
                 resume_metrics = {}
@@ -622,7 +509,7 @@ class Driver:
         for w in self.cluster.rollout_workers:
             w.stop.remote()
         if self.producers:
-            _get(self.producers, self.timeout, "rollout producers to stop")
+            get_within(self.producers, self.timeout, "rollout producers to stop")
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -655,7 +542,7 @@ def run(cfg: RunConfig) -> RunResult:
         after = driver.evaluate()
         save_report(after, run_dir / "eval_after.json")
         sink.log(after.as_metrics(), step=driver.version)
-        _get([r.save_pretrained.remote(str(run_dir / "policy")) for r in cluster.learners], driver.timeout, "save")
+        get_within([r.save_pretrained.remote(str(run_dir / "policy")) for r in cluster.learners], driver.timeout, "save")
         (run_dir / "roles.json").write_text(json.dumps(placement_record(cluster), indent=2) + "\n")
         driver.write_checkpoint(wandb_id)
         return RunResult(run_dir, driver.version, before, after)
