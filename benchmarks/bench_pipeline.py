@@ -16,7 +16,9 @@ mean seconds the driver spent per step in each phase (``driver/*_s``). Each acto
 OMP_NUM_THREADS to the actor's CPUs), so on a 2-core machine the generation and training roles
 each get a core and the bound is reachable; more busy roles than cores cap it lower.
 
-Usage: ``python benchmarks/bench_pipeline.py [--steps 8] [--repeats 3] [--size tiny]``.
+Usage: ``python benchmarks/bench_pipeline.py [--steps 8] [--repeats 3] [--size tiny]
+[--pending-steps 1 --max-staleness 1]`` (how far generation may run ahead: throughput against
+staleness).
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="rollouts per generation call")
+    parser.add_argument("--pending-steps", type=int, default=1,
+                        help="buffer.max_pending in learner steps of pairs: how far generation may run ahead")
+    parser.add_argument("--max-staleness", type=int, default=1, help="buffer.max_staleness")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp) / "policy", args.size, seed=0)
@@ -125,7 +130,8 @@ def main() -> None:
             "rollout": {"engine": "hf", "batch_size": args.batch, "max_new_tokens": 8},
             "objective": {"form": "logistic", "noop_policy": "keep"},
             "learner": {"backend": "deepspeed", "zero_stage": 0, "micro_batch_pairs": args.batch},
-            "buffer": {"min_fresh_pairs": args.batch, "max_staleness": 1, "sampling": "fifo"},
+            "buffer": {"min_fresh_pairs": args.batch, "max_staleness": args.max_staleness, "sampling": "fifo",
+                       "max_pending": args.pending_steps * args.batch},
             "sync": {"every_steps": 1},
             "eval": {"every_steps": 0, "num_prompts": 8},
             "metrics": {"wandb_mode": "disabled"},
@@ -160,6 +166,7 @@ def main() -> None:
     steady_async, steady_sync = (statistics.median(phases[m].steady) for m in ("async", "sync"))
     print(json.dumps({
         "bench": "pipeline", "size": args.size, "steps": args.steps, "repeats": args.repeats,
+        "pending_steps": args.pending_steps, "max_staleness": args.max_staleness,
         "cores": os.cpu_count(),
         "stage_pairs_per_s": {"gen": round(1 / t_gen, 1), "teach": round(1 / t_teach, 1), "train": round(1 / t_train, 1)},
         "async_pairs_per_s": round(e2e_async, 2), "sync_pairs_per_s": round(e2e_sync, 2),
