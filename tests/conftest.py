@@ -135,16 +135,22 @@ def ray_local():
     ray.shutdown()
 
 
+def _warm_started(tmp_path_factory, folder: str, name: str, **warm) -> Path:
+    """A tiny policy warm-started (seed 0) by the project's own ``warm_start``; fails the
+    fixture if it did not reach its band."""
+    from correction_rl.warmstart import WarmStartConfig, warm_start
+
+    out = tmp_path_factory.mktemp(folder) / name
+    result = warm_start(WarmStartConfig(seed=0, **warm), out, log=lambda *_: None)
+    assert result.reached, result
+    return out
+
+
 @pytest.fixture(scope="session")
 def warm_policy_dir(tmp_path_factory) -> Path:
     """A tiny addition policy warm-started into the 20-60% band (seed 0), for loop and system
     tests that need an imperfect but non-random starting policy."""
-    from correction_rl.warmstart import WarmStartConfig, warm_start
-
-    out = tmp_path_factory.mktemp("warm_policy") / "policy-addition"
-    result = warm_start(WarmStartConfig(task="addition", seed=0), out, log=lambda *_: None)
-    assert result.reached, result
-    return out
+    return _warm_started(tmp_path_factory, "warm_policy", "policy-addition", task="addition")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,24 +162,14 @@ def warm_policy_dir(tmp_path_factory) -> Path:
 def reverse_policy_dir(tmp_path_factory) -> Path:
     """A tiny ``reverse`` policy warm-started into the 20-60% band (seed 0, ~40 s): the
     cheapest imperfect policy the project can train."""
-    from correction_rl.warmstart import WarmStartConfig, warm_start
-
-    out = tmp_path_factory.mktemp("reverse_policy") / "policy-reverse"
-    result = warm_start(WarmStartConfig(task="reverse", seed=0), out, log=lambda *_: None)
-    assert result.reached, result
-    return out
+    return _warm_started(tmp_path_factory, "reverse_policy", "policy-reverse", task="reverse")
 
 
 @pytest.fixture(scope="session")
 def reverse_teacher_dir(tmp_path_factory) -> Path:
     """A stronger tiny ``reverse`` model (warm start with target accuracy 0.9, ~300 steps,
     ~50 s): the teacher model of the LLM-teacher tests (template ``task_answer``)."""
-    from correction_rl.warmstart import WarmStartConfig, warm_start
-
-    out = tmp_path_factory.mktemp("reverse_teacher") / "teacher-reverse"
-    result = warm_start(WarmStartConfig(task="reverse", seed=0, target_accuracy=0.9), out, log=lambda *_: None)
-    assert result.reached, result
-    return out
+    return _warm_started(tmp_path_factory, "reverse_teacher", "teacher-reverse", task="reverse", target_accuracy=0.9)
 
 
 def _free_loopback_port() -> int:

@@ -14,6 +14,14 @@ pytestmark = pytest.mark.slow
 
 
 def system_config(tmp_path, policy_dir, name: str, **overrides):
+    """A short Ray-mode run; ``section__field=value`` overrides (see ``system_config_dict``)."""
+    from correction_rl.config import config_from_dict
+
+    return config_from_dict(system_config_dict(tmp_path, policy_dir, name, **overrides))
+
+
+def system_config_dict(tmp_path, policy_dir, name: str, **overrides) -> dict:
+    """The base config of the system tests as a dict, ``a__b=v`` setting field ``a.b``."""
     base = {
         "name": name,
         "output_dir": str(tmp_path),
@@ -37,9 +45,7 @@ def system_config(tmp_path, policy_dir, name: str, **overrides):
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    from correction_rl.config import config_from_dict
-
-    return config_from_dict(base)
+    return base
 
 
 def test_async_run_writes_metrics_to_wandb_and_the_correction_log(tmp_path, ray_local, warm_policy_dir):

@@ -35,6 +35,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_distributed import system_config_dict
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,28 +163,21 @@ def ray_nodes():
 def run_config(tmp_path: Path, policy_dir: Path, name: str, **resources) -> Path:
     """A 2-step async run with every role pinned (learner by custom resource, rollout by node
     label, teacher by both); absolute paths, since the job runs in a copy of the repo."""
-    cfg = {
-        "name": name, "output_dir": str(tmp_path / "shared"), "mode": "async", "total_steps": 2,
-        "model": {"path": str(policy_dir)},
-        "task": {"names": ["addition"], "num_train": 200, "num_eval": 8},
-        "rollout": {"engine": "hf", "batch_size": 16, "max_new_tokens": 6},
-        "objective": {"form": "dpo", "beta": 0.1},
-        "learner": {"backend": "deepspeed", "zero_stage": 2, "lr": 1e-4, "micro_batch_pairs": 8},
-        "buffer": {"min_fresh_pairs": 8, "max_staleness": 2},
-        "sync": {"every_steps": 1, "timeout_s": 60},
-        "eval": {"every_steps": 0, "num_prompts": 8, "sampled": False},
-        "metrics": {"wandb_mode": "disabled"},
-        "resources": {
-            "num_learner_ranks": 1, "num_rollout_workers": 2, "num_teacher_workers": 1,
-            "cpus_per_learner_rank": 1.0, "cpus_per_rollout_worker": 0.5, "cpus_per_teacher_worker": 0.5,
-            "learner_resource": "learner_node",
-            "rollout_labels": {"pool": "gen"},
-            "teacher_resource": "teacher_node", "teacher_labels": {"pool": "head"},
-            "custom_resource_amount": 1,
-            "placement_timeout_s": 60, "start_timeout_s": 300, "call_timeout_s": 240,
-            **resources,
-        },
+    pinned = {
+        "num_rollout_workers": 2,
+        "cpus_per_learner_rank": 1.0, "cpus_per_rollout_worker": 0.5, "cpus_per_teacher_worker": 0.5,
+        "learner_resource": "learner_node",
+        "rollout_labels": {"pool": "gen"},
+        "teacher_resource": "teacher_node", "teacher_labels": {"pool": "head"},
+        "custom_resource_amount": 1,
+        "placement_timeout_s": 60, "start_timeout_s": 300, "call_timeout_s": 240,
+        **resources,
     }
+    cfg = system_config_dict(
+        tmp_path / "shared", policy_dir, name, total_steps=2, task__num_train=200, task__num_eval=8,
+        eval__every_steps=0, eval__num_prompts=8, eval__sampled=False, metrics__wandb_mode="disabled",
+        **{f"resources__{k}": v for k, v in pinned.items()},
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

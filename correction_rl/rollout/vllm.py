@@ -65,6 +65,22 @@ def _unlink_all(paths: set[str]) -> None:
         paths.discard(path)
 
 
+def close_engine(owner: Any) -> None:
+    """Shut down ``owner.llm`` (a ``vllm.LLM``; set to None) — its engine core and workers —
+    and free their memory; a no-op when already closed. Shared by every holder of an engine
+    (the rollout generator, the vLLM teacher)."""
+    llm, owner.llm = getattr(owner, "llm", None), None
+    if llm is None:
+        return
+    try:
+        # a generous limit lets the engine core exit on its own (the default kills it after
+        # ~5 s on a loaded 2-core machine, right after its workers exited cleanly)
+        llm.llm_engine.engine_core.shutdown(timeout=30)
+    finally:
+        del llm
+        gc.collect()
+
+
 class VLLMGenerator:
     """``vllm.LLM`` behind the ``Generator`` protocol. Call ``close()`` when done (or use it as
     a context manager): the engine owns worker processes and shared memory."""
@@ -302,17 +318,7 @@ class VLLMGenerator:
     def close(self) -> None:
         """Shut the engine core and its workers down and free their memory."""
         self._release_arena()
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        self.llm = None
-        try:
-            # a generous limit lets the engine core exit on its own (the default kills it
-            # after ~5 s on a loaded 2-core machine, right after its workers exited cleanly)
-            llm.llm_engine.engine_core.shutdown(timeout=30)
-        finally:
-            del llm
-            gc.collect()
+        close_engine(self)
 
     def __enter__(self) -> "VLLMGenerator":
         return self

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 from correction_rl.teachers.metrics import TeacherMetrics
 from correction_rl.teachers.templates import CorrectionTemplate, TemplateSet
-from correction_rl.teachers.validation import ValidationRules, validate
+from correction_rl.teachers.validation import ValidationRules, asks_per_rollout, validate
 from correction_rl.types import Correction, Rollout
 
 RETRYABLE = frozenset({"http_429", "http_5xx", "timeout", "connection", "malformed_response"})
@@ -218,7 +218,7 @@ class HTTPTeacher:
     # --- the request path ----------------------------------------------------------------
 
     def _batch_deadline(self, n: int) -> float:
-        asks = 1 + (self.max_retries if self.on_rejection == "retry" else 0)
+        asks = asks_per_rollout(self.on_rejection, self.max_retries)
         per_rollout = asks * (self.max_retries + 1) * (self.timeout_s + self.backoff_max_s)
         return math.ceil(n / self.max_concurrency) * per_rollout + 30.0
 
@@ -230,7 +230,7 @@ class HTTPTeacher:
     async def _correct_one(self, rollout: Rollout) -> Correction:
         template = self.templates.for_rollout(rollout)
         start = time.perf_counter()
-        asks = 1 + (self.max_retries if self.on_rejection == "retry" else 0)
+        asks = asks_per_rollout(self.on_rejection, self.max_retries)
         reason: str | None = None
         try:
             for ask in range(asks):
@@ -238,14 +238,11 @@ class HTTPTeacher:
                 if failure is not None:
                     reason = failure  # transport retries are exhausted: do not re-ask
                     break
-                if finish == "length" and template.output == "raw":
-                    verdict_text, reason = None, "truncated"
-                else:
-                    verdict = validate(answer, rollout, template, self.rules)
-                    verdict_text, reason = verdict.text, verdict.reason
-                if verdict_text is not None:
-                    self.stats.outcome(rollout.response_text, verdict_text, None)
-                    return Correction(rollout, verdict_text, self.name, latency_s=time.perf_counter() - start)
+                verdict = validate(answer, rollout, template, self.rules, finish)
+                reason = verdict.reason
+                if verdict.accepted:
+                    self.stats.outcome(rollout.response_text, verdict.text, None)
+                    return Correction(rollout, verdict.text, self.name, latency_s=time.perf_counter() - start)
                 self.stats.error(reason or "unknown")
                 if ask + 1 < asks:
                     self.stats.retry()

@@ -10,6 +10,8 @@ again as ``teacher/skipped/rejected:<reason>``. Nothing here raises for a bad an
 Rules, in the order they are checked (docs/teachers.md lists them with examples):
 
 =================  ===========================================================================
+``truncated``      a raw-format answer the engine cut at ``max_new_tokens`` (finish reason
+                   ``length``): its end is missing, so it cannot be trusted as y'
 ``empty``          no answer, or y' is empty or whitespace only
 ``non_text``       NUL or other control characters (except tab, newline, carriage return), or
                    U+FFFD, which decoders put where bytes were not valid UTF-8
@@ -20,8 +22,7 @@ Rules, in the order they are checked (docs/teachers.md lists them with examples)
 =================  ===========================================================================
 
 Control bytes and refusals are checked on the raw answer (a refusal also right after an opening
-marker), the rest on the parsed y'. The teachers add ``truncated`` (a raw-format answer cut at
-``max_new_tokens``) and the transport reasons (docs/teachers.md).
+marker), the rest on the parsed y'. The teachers add the transport reasons (docs/teachers.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Sequence
 from correction_rl.teachers.templates import CorrectionTemplate
 from correction_rl.types import Rollout
 
-REASONS = ("empty", "non_text", "refusal", "unparseable", "prompt_echo", "length_blowup")
+REASONS = ("truncated", "empty", "non_text", "refusal", "unparseable", "prompt_echo", "length_blowup")
 """Every reason ``validate`` can return."""
 
 DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
@@ -107,10 +108,20 @@ def _is_echo(corrected: str, rollout: Rollout) -> bool:
     return text.startswith(prompt) and not response.startswith(prompt)
 
 
+def asks_per_rollout(on_rejection: str, max_retries: int) -> int:
+    """How many answers a teacher may ask for one rollout: one, plus ``max_retries`` re-asks
+    after a rejected answer when ``on_rejection`` is ``retry``."""
+    return 1 + (max_retries if on_rejection == "retry" else 0)
+
+
 def validate(
-    raw: str | None, rollout: Rollout, template: CorrectionTemplate, rules: ValidationRules
+    raw: str | None, rollout: Rollout, template: CorrectionTemplate, rules: ValidationRules,
+    finish_reason: str | None = None,
 ) -> Verdict:
-    """Check one teacher answer against the rules above; ``raw`` None counts as ``empty``."""
+    """Check one teacher answer against the rules above; ``raw`` None counts as ``empty``;
+    ``finish_reason`` is the engine's (``length``: cut at the token limit)."""
+    if finish_reason == "length" and template.output == "raw":
+        return Verdict(None, "truncated")
     if raw is None or raw == "":
         return Verdict(None, "empty")
     if has_non_text(raw):

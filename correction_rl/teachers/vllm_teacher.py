@@ -18,7 +18,6 @@ vLLM is imported lazily, only here (and in ``rollout/vllm.py``).
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import Sequence
 
 from correction_rl.teachers.metrics import TeacherMetrics
 from correction_rl.teachers.templates import CorrectionTemplate, TemplateSet
-from correction_rl.teachers.validation import ValidationRules, validate
+from correction_rl.teachers.validation import ValidationRules, asks_per_rollout, validate
 from correction_rl.types import Correction, Rollout
 
 
@@ -117,7 +116,7 @@ class VLLMTeacher:
         start = time.perf_counter()
         self._calls += 1
         results: list[Correction | None] = [None] * len(rollouts)
-        asks = 1 + (self.max_retries if self.on_rejection == "retry" else 0)
+        asks = asks_per_rollout(self.on_rejection, self.max_retries)
         waiting: list[_Job] = []
         for i, rollout in enumerate(rollouts):
             job = self._job(i, rollout, asks)
@@ -135,15 +134,9 @@ class VLLMTeacher:
         return self.stats.snapshot()
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        self.llm = None
-        try:
-            llm.llm_engine.engine_core.shutdown(timeout=30)
-        finally:
-            del llm
-            gc.collect()
+        from correction_rl.rollout.vllm import close_engine
+
+        close_engine(self)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -203,15 +196,12 @@ class VLLMTeacher:
 
     def _finish(self, job: _Job, text: str, finish: str | None, results: list[Correction | None]) -> _Job | None:
         """Validate one answer; returns the job again when the retry policy re-asks."""
-        if finish == "length" and job.template.output == "raw":
-            reason = "truncated"
-        else:
-            verdict = validate(text, job.rollout, job.template, self.rules)
-            if verdict.accepted:
-                self.stats.outcome(job.rollout.response_text, verdict.text, None)
-                results[job.index] = Correction(job.rollout, verdict.text, self.name, latency_s=time.perf_counter() - job.started)
-                return None
-            reason = verdict.reason or "unknown"
+        verdict = validate(text, job.rollout, job.template, self.rules, finish)
+        if verdict.accepted:
+            self.stats.outcome(job.rollout.response_text, verdict.text, None)
+            results[job.index] = Correction(job.rollout, verdict.text, self.name, latency_s=time.perf_counter() - job.started)
+            return None
+        reason = verdict.reason or "unknown"
         self.stats.error(reason)
         job.asks_left -= 1
         if job.asks_left > 0:
