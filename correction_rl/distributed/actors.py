@@ -33,6 +33,10 @@ from correction_rl.rollout.base import EngineUnhealthy
 from correction_rl.types import CorrectionPair, Prompt, Rollout, StepStats, WeightUpdate
 
 
+class RestartedWorker(RuntimeError):
+    """A restarted rollout worker was asked to generate before its stream was restored."""
+
+
 class BusyClock:
     """Fraction of wall time a role spent working (``1 - idle fraction``)."""
 
@@ -62,6 +66,9 @@ class RolloutWorker:
         self.calls = 0
         self.tokens = 0
         self.init_model = None  # loaded on first evaluation (KL reference)
+        self.awaiting_stream = ray.get_runtime_context().was_current_actor_reconstructed
+        """A process Ray restarted draws no prompt until the driver has given it its
+        predecessor's stream position (``load_state_dict``): a fresh stream would repeat prompts."""
         self.busy_since: float | None = None
         """When the running ``generate`` / ``load_weights`` started (None: idle); a call that
         runs far longer than any should means a stuck engine (``health``)."""
@@ -107,6 +114,9 @@ class RolloutWorker:
 
     def generate(self) -> list[Rollout]:
         """One batch of rollouts from the next prompts of this worker's stream."""
+        if self.awaiting_stream:
+            raise RestartedWorker(f"rollout worker {self.worker_id} was restarted and its stream "
+                                  "position is not restored yet")
         with self.lock:
             start = time.perf_counter()
             self.busy_since = time.monotonic()
@@ -176,11 +186,15 @@ class RolloutWorker:
         a checkpoint after a stalled sync must not wait for the stalled ``load_weights``."""
         return {"stream": self.stream.state_dict(), "calls": self.calls, "tokens": self.tokens}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Stream position and counters (a checkpoint's, or a restarted worker's predecessor's;
+        None: keep the fresh stream — the predecessor had drawn nothing known)."""
         with self.lock:
-            self.stream.load_state_dict(state["stream"])
-            self.calls = int(state["calls"])
-            self.tokens = int(state.get("tokens", 0))
+            if state is not None:
+                self.stream.load_state_dict(state["stream"])
+                self.calls = int(state["calls"])
+                self.tokens = int(state.get("tokens", 0))
+            self.awaiting_stream = False
 
     def greedy(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
         from correction_rl.types import Sampling

@@ -29,6 +29,7 @@ from correction_rl.checkpoint import Checkpoint, save_checkpoint
 from correction_rl.components import build_sink, load_prompts
 from correction_rl.config import RunConfig, dump_config, to_dict
 from correction_rl.diffs import maybe_log_corrections
+from correction_rl.distributed.actors import RestartedWorker
 from correction_rl.distributed.calls import get_within, while_restarting
 from correction_rl.distributed.cluster import Cluster, describe_placement, init_ray, start_cluster
 from correction_rl.distributed.collective import make_weight_sync
@@ -391,15 +392,15 @@ class Driver:
             for i, ref in calls.items():
                 try:
                     batches[i] = get_within(ref, self.timeout, "generation")
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                except (ray.exceptions.RayActorError, RestartedWorker):  # died, or restarted while idle
                     failed.append(i)
             if not failed:
                 break
             if attempt == self.cfg.resources.max_actor_restarts:
                 raise RuntimeError(f"rollout workers {failed} failed generating {attempt + 1} times in a "
                                    "row; more than resources.max_actor_restarts allows")
-            print(f"warning: rollout workers {failed} died while generating; repeating their batch "
-                  "on the restarted actors", flush=True)
+            print(f"warning: rollout workers {failed} were restarted; repeating their batch once their "
+                  "streams are restored", flush=True)
             self.health.count_restarts()  # waits for the restart, restores the streams
             self.sync_weights()
             calls = {i: workers[i].generate.remote() for i in failed}

@@ -74,10 +74,10 @@ class ActorHealth:
         state = self.stream_states.get(i)
         if self.cfg.mode == "async":
             state = get_within(self.cluster.buffer.stream_position.remote(i), self.timeout, "stream position") or state
+        while_restarting(lambda: get_within(self.cluster.rollout_workers[i].load_state_dict.remote(state),
+                                            self.timeout, "rollout worker stream restore"),
+                         "rollout worker stream restore", self.cfg.resources.start_timeout_s)
         if state is not None:
-            while_restarting(lambda: get_within(self.cluster.rollout_workers[i].load_state_dict.remote(state),
-                                           self.timeout, "rollout worker stream restore"),
-                              "rollout worker stream restore", self.cfg.resources.start_timeout_s)
             self.count("faults/streams_restored")
 
     def check_engines(self) -> int:
