@@ -415,6 +415,15 @@ class ReplayBuffer:
             self._cond.notify_all()
             return result
 
+    def prompts_logged_after(self, state: dict[str, Any], log_path: str | Path | None = None) -> list[str]:
+        """Prompt ids of the pairs logged after checkpoint ``state`` was taken, in log order: a
+        resumed run's prompt streams pass over them (``PromptStream.account_for_logged``), since
+        ``load_state_dict`` put their pairs back in the buffer."""
+        cut = state.get("log_records")
+        if cut is None:
+            return []
+        return [p.prompt_id for i, p in enumerate(read(self._log_path(log_path))) if i >= cut]
+
     def restore_from_log(self, path: str | Path | None = None, learner_version: int | None = None) -> AddResult:
         """Rebuild memory from the durable log alone (no checkpoint state): every logged pair
         that is fresh enough for ``learner_version`` is admitted (which ones were already

@@ -325,6 +325,9 @@ def restore(system: System, ckpt: Checkpoint) -> dict[str, float]:
         raise CheckpointError(f"{ckpt.path}: learner version {system.learner.version} != state {state['version']}")
     system.train_prompts.load_state_dict(state["prompt_stream"])
     after = system.buffer.load_state_dict(state["buffer"])
+    # their pairs are back in the buffer: do not draw those prompts again (a regenerated
+    # rollout differs once the policy moved on, so the pair-id check below would not catch it)
+    system.train_prompts.account_for_logged(system.buffer.prompts_logged_after(state["buffer"]))
     v, internal, gauss = state["rng"]
     system.rng.setstate((v, tuple(internal), gauss))
     system.counters = {k: float(x) for k, x in state["counters"].items()}
@@ -335,6 +338,7 @@ def restore(system: System, ckpt: Checkpoint) -> dict[str, float]:
         "resume/pairs_logged_after_checkpoint": float(after.logged),
         "resume/pairs_admitted_after_checkpoint": float(after.admitted),
         "resume/buffer_size": float(len(system.buffer)),
+        "resume/prompts_skipped": float(sum(system.train_prompts.state.skip.values())),
     }
 
 

@@ -116,6 +116,25 @@ def test_saved_corrections_survive_reopening_the_queue(tmp_path):
     assert [i.item_id for i in again.open_items()] == [ids[1]]
 
 
+def test_a_retried_batch_finds_its_items_and_the_corrections_already_saved(tmp_path):
+    """Ray retries ``correct`` when a teacher worker dies mid-wait: the retry must not queue a
+    second copy of the batch, and what people saved before the death must be used."""
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    batch = rollouts(["1", "1", "3"])
+    batch[1] = batch[0]  # two identical samples of one prompt: two items
+    first = q.enqueue(batch)
+    assert len(set(first)) == 3
+    item = q.lease("alice")
+    q.complete(item.item_id, "alice", "0")  # then the teacher worker dies
+    q.lease("bob")  # bob holds the second one when the retry arrives
+    retried = HumanTeacher(q, wait_s=0.3, poll_s=0.05).correct(batch)
+    assert q.counts() == {"pending": 0, "leased": 0, "done": 1, "cancelled": 2}  # no new item
+    assert [c.corrected_text for c in retried] == ["0", None, None]
+    assert [c.rejection for c in retried] == [None, "timeout", "timeout"]
+    assert q.enqueue(batch) == first
+    assert q.counts() == {"pending": 2, "leased": 0, "done": 1, "cancelled": 0}, "withdrawn items reopen"
+
+
 def test_teacher_times_out_withdraws_and_counts_and_uses_the_fallback(tmp_path):
     from correction_rl.teachers.oracle import OracleTeacher
 

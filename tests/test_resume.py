@@ -35,7 +35,7 @@ def _config(tmp_path: Path, model_dir: Path, mode: str) -> Path:
         "name": "resume", "output_dir": str(tmp_path / "runs"), "mode": mode, "seed": 0,
         "total_steps": TOTAL,
         "model": {"path": str(model_dir)},
-        "task": {"names": ["addition"], "num_train": 200, "num_eval": 8},
+        "task": {"names": ["addition"], "num_train": 400, "num_eval": 8},
         "rollout": {"engine": "hf", "batch_size": 8, "max_new_tokens": 6},
         "objective": {"form": "dpo", "beta": 0.1},
         "learner": {"backend": "torch", "lr": 1e-4, "micro_batch_pairs": 4, "lr_schedule": "linear"},
@@ -173,6 +173,11 @@ def test_sigkill_resume_sigterm_corrupt_resume_reaches_total_steps(tmp_path, tin
     ids = [r["pair"]["pair_id"] for r in records if r["type"] == "pair"]
     assert len(ids) == _log_records(log_path)
     assert ids and not [i for i, n in Counter(ids).items() if n > 1]
+    # ... and no prompt went to the teacher twice: prompts whose pairs were logged after a
+    # checkpoint are not drawn again by the resumed run, prompts in flight at it are drawn again
+    # (the three sessions draw far fewer than the 400 training prompts: a repeat is a resume bug)
+    prompts = [r["pair"]["prompt_id"] for r in records if r["type"] == "pair"]
+    assert len(prompts) < 200 and not [p for p, n in Counter(prompts).items() if n > 1]
 
     # one W&B run, continued by the two resumed processes
     runs = read_offline_runs(run_dir)

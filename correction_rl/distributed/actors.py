@@ -28,13 +28,15 @@ from correction_rl.components import (
 )
 from correction_rl.config import RunConfig
 from correction_rl.correction_log import CorrectionLog
+from correction_rl.handoffs import HandoffLedger
 from correction_rl.prompt_stream import PromptStream
 from correction_rl.rollout.base import EngineUnhealthy
 from correction_rl.types import CorrectionPair, Prompt, Rollout, StepStats, WeightUpdate
 
 
 class RestartedWorker(RuntimeError):
-    """A restarted rollout worker was asked to generate before its stream was restored."""
+    """A restarted rollout worker was asked for prompts, or for its stream position, before the
+    driver restored its predecessor's position (``load_state_dict``)."""
 
 
 class BusyClock:
@@ -112,11 +114,14 @@ class RolloutWorker:
     def policy_version(self) -> int:
         return self.generator.policy_version
 
-    def generate(self) -> list[Rollout]:
-        """One batch of rollouts from the next prompts of this worker's stream."""
+    def _raise_if_awaiting_stream(self) -> None:
         if self.awaiting_stream:
             raise RestartedWorker(f"rollout worker {self.worker_id} was restarted and its stream "
                                   "position is not restored yet")
+
+    def generate(self) -> list[Rollout]:
+        """One batch of rollouts from the next prompts of this worker's stream."""
+        self._raise_if_awaiting_stream()
         with self.lock:
             start = time.perf_counter()
             self.busy_since = time.monotonic()
@@ -130,6 +135,13 @@ class RolloutWorker:
             self.calls += 1
             self.tokens += sum(len(r.response_ids) for r in rollouts)
             return rollouts
+
+    def generate_round(self) -> tuple[list[Rollout], dict[str, Any]]:
+        """Sync mode: one batch and the stream position after it, in one call. Asked for
+        separately, a worker killed between the two calls would leave the driver without the
+        position after a batch it already holds, and its restart would draw those prompts again."""
+        rollouts = self.generate()
+        return rollouts, self.state_dict()
 
     def produce(self, teachers: list, buffer, max_inflight: int, call_timeout_s: float) -> int:
         """Async mode: generate until stopped, round-robin batches to teachers.
@@ -148,11 +160,13 @@ class RolloutWorker:
             if not ray.get(buffer.wait_for_room.remote(0.5), timeout=call_timeout_s):
                 continue
             rollouts = self.generate()
-            # position first (acknowledged), then the hand-off: a worker killed in between
-            # skips this batch's prompts on restart instead of paying the teacher twice for them
-            ray.get(buffer.note_stream_position.remote(self.worker_id, self.state_dict()), timeout=call_timeout_s)
+            # position and prompts first (acknowledged), then the hand-off: a worker killed in
+            # between skips this batch's prompts on restart instead of paying the teacher twice
+            # for them; a checkpoint meanwhile has them in flight (a resume draws them again)
+            key = ray.get(buffer.note_handoff.remote(self.worker_id, self.state_dict(),
+                                                     [r.prompt.prompt_id for r in rollouts]), timeout=call_timeout_s)
             teacher = teachers[batches % len(teachers)]
-            inflight.append(teacher.correct_and_store.remote(rollouts, buffer))
+            inflight.append(teacher.correct_and_store.remote(rollouts, buffer, key))
             batches += 1
             while len(inflight) >= max_inflight and not self.stop_event.is_set():
                 done, inflight = ray.wait(inflight, num_returns=1, timeout=0.5)
@@ -183,17 +197,22 @@ class RolloutWorker:
 
     def state_dict(self) -> dict[str, Any]:
         """Prompt-stream position and sampling-call count (checkpoint). Lock-free on purpose:
-        a checkpoint after a stalled sync must not wait for the stalled ``load_weights``."""
+        a checkpoint after a stalled sync must not wait for the stalled ``load_weights``. A
+        restarted worker has no position of its own until the driver restores it."""
+        self._raise_if_awaiting_stream()
         return {"stream": self.stream.state_dict(), "calls": self.calls, "tokens": self.tokens}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None, logged_after: Sequence[str] = ()) -> None:
         """Stream position and counters (a checkpoint's, or a restarted worker's predecessor's;
-        None: keep the fresh stream — the predecessor had drawn nothing known)."""
+        None: keep the fresh stream — the predecessor had drawn nothing known). A resumed run
+        also passes the prompt ids whose pairs were logged after its checkpoint: they are not
+        drawn again (``PromptStream.account_for_logged``)."""
         with self.lock:
             if state is not None:
                 self.stream.load_state_dict(state["stream"])
                 self.calls = int(state["calls"])
                 self.tokens = int(state.get("tokens", 0))
+            self.stream.account_for_logged(logged_after)
             self.awaiting_stream = False
 
     def greedy(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
@@ -381,10 +400,11 @@ class TeacherWorker:
         self.clock.add(time.perf_counter() - start)
         return pairs
 
-    def correct_and_store(self, rollouts: Sequence[Rollout], buffer) -> int:
-        """Async mode: correct, then push straight into the buffer actor (no driver hop)."""
+    def correct_and_store(self, rollouts: Sequence[Rollout], buffer, batch_key=None) -> int:
+        """Async mode: correct, then push straight into the buffer actor (no driver hop); the
+        buffer marks the hand-off ``batch_key`` done in the same call (``HandoffLedger``)."""
         pairs = self.correct(rollouts)
-        ray.get(buffer.add.remote(pairs), timeout=self.cfg.resources.call_timeout_s)
+        ray.get(buffer.add.remote(pairs, batch_key), timeout=self.cfg.resources.call_timeout_s)
         return len(pairs)
 
     def metrics(self) -> dict[str, float]:
@@ -410,26 +430,46 @@ class BufferActor:
 
     def __init__(self, cfg: RunConfig, log_path: str):
         self.buffer = ReplayBuffer(buffer_config(cfg), CorrectionLog(log_path, meta={"run": cfg.name}))
-        self.stream_positions: dict[int, dict[str, Any]] = {}
-        """Each rollout worker's last reported prompt-stream state (``note_stream_position``)."""
+        self.handoffs = HandoffLedger()
+        """Async mode: where each producer's stream stood after its last hand-off, and which
+        prompts are with a teacher. Kept here because the buffer actor lives as long as the run
+        and Ray never restarts it, so a restarted rollout worker can continue where its
+        predecessor stopped, and because pairs and hand-offs must be snapshotted together."""
+        self.lock = threading.Lock()
+        """Orders ``add`` against ``checkpoint_state`` (this actor is threaded)."""
 
-    def add(self, pairs: list[CorrectionPair]) -> int:
-        return self.buffer.add(pairs).admitted
+    def add(self, pairs: list[CorrectionPair], batch_key=None) -> int:
+        with self.lock:
+            admitted = self.buffer.add(pairs).admitted
+            self.handoffs.resolve(batch_key)
+        return admitted
 
     def wait_for_room(self, timeout: float) -> bool:
         return self.buffer.wait_for_room(timeout)
 
-    def note_stream_position(self, worker_id: int, state: dict[str, Any]) -> None:
-        """A producer's prompt-stream state after a batch it handed off. Kept here because the
-        buffer actor lives as long as the run and Ray never restarts it, so a restarted rollout
-        worker can continue where its predecessor stopped. Calls may arrive out of order (this
-        actor is threaded): the state with the most sampling calls wins."""
-        known = self.stream_positions.get(worker_id)
-        if known is None or state["calls"] >= known["calls"]:
-            self.stream_positions[worker_id] = state
+    def note_handoff(self, worker_id: int, state: dict[str, Any], prompt_ids: list[str]):
+        """A producer's state after drawing a batch it is about to hand to a teacher, and that
+        batch's prompts; returns the batch key the teacher passes back to ``add``."""
+        with self.lock:
+            return self.handoffs.note(worker_id, state, prompt_ids)
 
     def stream_position(self, worker_id: int) -> dict[str, Any] | None:
-        return self.stream_positions.get(worker_id)
+        with self.lock:
+            return self.handoffs.position(worker_id)
+
+    def seed_stream_positions(self, states: list[dict[str, Any] | None]) -> None:
+        """A resumed run's restored worker states: positions until each worker hands off."""
+        with self.lock:
+            for worker_id, state in enumerate(states):
+                self.handoffs.seed(worker_id, state)
+
+    def checkpoint_state(self, num_workers: int) -> dict[str, Any]:
+        """Async mode: the buffer and the workers' states in one snapshot — every prompt drawn
+        before a worker's position is either in the buffer's log up to ``log_records`` or drawn
+        again first on resume (``HandoffLedger.checkpoint_states``)."""
+        with self.lock:
+            return {"buffer": self.buffer.state_dict(),
+                    "rollout_workers": self.handoffs.checkpoint_states(num_workers)}
 
     def sample(self, n: int, learner_version: int, timeout: float) -> list[CorrectionPair] | None:
         """Wait up to ``timeout`` for ``n`` admissible pairs, then sample them (None if not)."""
@@ -446,10 +486,12 @@ class BufferActor:
     def state_dict(self) -> dict[str, Any]:
         return self.buffer.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> dict[str, int]:
-        """Restore a checkpointed buffer; pairs logged after the checkpoint are admitted too."""
+    def load_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Restore a checkpointed buffer; pairs logged after the checkpoint are admitted too,
+        and their prompt ids are returned (the rollout workers do not draw those again)."""
         result = self.buffer.load_state_dict(state)
-        return {"logged": result.logged, "admitted": result.admitted, "size": len(self.buffer)}
+        return {"logged": result.logged, "admitted": result.admitted, "size": len(self.buffer),
+                "prompts_logged_after": self.buffer.prompts_logged_after(state)}
 
     def close(self) -> None:
         self.buffer.close()

@@ -191,8 +191,28 @@ class Driver:
 
     def evaluate(self) -> EvalReport:
         worker = self.cluster.rollout_workers[0]
-        return while_restarting(lambda: get_within(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation"),
-                                 "held-out evaluation", self.cfg.resources.start_timeout_s)
+        return self.across_rollout_restarts(
+            lambda: get_within(worker.evaluate.remote(self.eval_prompts), self.timeout, "held-out evaluation"),
+            "held-out evaluation")
+
+    def across_rollout_restarts(self, call, what: str):
+        """``call()`` (a call on rollout workers) once every worker Ray restarted has its stream
+        position and the current weights back — a restarted engine starts from the initial
+        weights (an evaluation would silently measure those), and a restarted worker answers no
+        stream question before its position is restored (``RestartedWorker``) — and again if a
+        worker dies during the call. Bounded by ``resources.max_actor_restarts``; a worker out
+        of restarts raises ``ActorDiedError``."""
+        for attempt in range(self.cfg.resources.max_actor_restarts + 1):
+            if self.health.count_restarts():  # waits for a restart under way, restores streams
+                self.sync_weights()
+            try:
+                return call()
+            except (ray.exceptions.RayActorError, RestartedWorker) as exc:
+                if attempt == self.cfg.resources.max_actor_restarts:
+                    raise
+                print(f"warning: {what} met a restarted rollout worker ({type(exc).__name__}); "
+                      "restoring it and asking again", flush=True)
+        raise AssertionError("unreachable")
 
     def request_telemetry(self) -> "TelemetryRequest":
         """Ask every actor for its metrics and the producers for their process ids, without
@@ -304,14 +324,18 @@ class Driver:
         each rollout worker's prompt-stream position, the driver's counters; atomic."""
         timeout = timeout or self.timeout
         c = self.cluster
-        state = {
-            "version": self.version,
-            "buffer": get_within(c.buffer.state_dict.remote(), timeout, "buffer state for a checkpoint"),
-            "rollout_workers": get_within([w.state_dict.remote() for w in c.rollout_workers], timeout,
-                                    "rollout worker state for a checkpoint"),
-            "pairs_trained": self.pairs_trained,
-            "wandb_run_id": wandb_run_id,
-        }
+        if self.cfg.mode == "async":  # producers run on: their hand-offs, snapshotted with the pairs
+            state = get_within(c.buffer.checkpoint_state.remote(len(c.rollout_workers)), timeout,
+                               "buffer and hand-off state for a checkpoint")
+        else:  # between lockstep rounds nothing is in flight
+            state = {
+                "buffer": get_within(c.buffer.state_dict.remote(), timeout, "buffer state for a checkpoint"),
+                "rollout_workers": self.across_rollout_restarts(
+                    lambda: get_within([w.state_dict.remote() for w in c.rollout_workers], timeout,
+                                       "rollout worker state for a checkpoint"),
+                    "the checkpoint's stream positions"),
+            }
+        state.update(version=self.version, pairs_trained=self.pairs_trained, wandb_run_id=wandb_run_id)
 
         def learner_files(directory: Path) -> None:
             get_within([r.save_state.remote(str(directory / "learner")) for r in c.learners], timeout,
@@ -331,16 +355,25 @@ class Driver:
         self.pairs_trained = state.get("pairs_trained", 0)
         after = get_within(c.buffer.load_state_dict.remote(state["buffer"]), self.timeout, "buffer restore")
         workers = state["rollout_workers"]
+        streams: list[dict[str, Any]] = []
         if len(workers) == len(c.rollout_workers):  # else: fresh streams (worker count changed)
-            get_within([w.load_state_dict.remote(s) for w, s in zip(c.rollout_workers, workers)],
-                 self.timeout, "rollout worker restore")
-            self.health.stream_states = dict(enumerate(workers))
+            get_within([w.load_state_dict.remote(s, after["prompts_logged_after"])
+                        for w, s in zip(c.rollout_workers, workers)], self.timeout, "rollout worker restore")
+            restored = get_within([w.state_dict.remote() for w in c.rollout_workers], self.timeout,
+                                  "restored rollout worker states")
+            self.health.stream_states = dict(enumerate(restored))
+            get_within(c.buffer.seed_stream_positions.remote(restored), self.timeout, "stream positions")
+            streams = [s["stream"] for s in restored]
         self.sync_weights()
         return {
             "resume/from_step": float(ckpt.step),
             "resume/pairs_logged_after_checkpoint": float(after["logged"]),
             "resume/pairs_admitted_after_checkpoint": float(after["admitted"]),
             "resume/buffer_size": float(after["size"]),
+            # prompts in flight at the checkpoint, drawn again first; prompts drawn after it whose
+            # pairs were logged before the crash, passed over (docs/reliability.md)
+            "resume/prompts_replayed": float(sum(len(s.get("replay", [])) for s in streams)),
+            "resume/prompts_skipped": float(sum(sum(s.get("skip", {}).values()) for s in streams)),
         }
 
     def stop_with_checkpoint(self, exc: BaseException, wandb_run_id: str | None) -> None:
@@ -385,13 +418,13 @@ class Driver:
         stream and the current weights into it and repeats the round (bounded by
         ``resources.max_actor_restarts``; teacher calls are retried by Ray itself)."""
         workers = self.cluster.rollout_workers
-        calls = {i: w.generate.remote() for i, w in enumerate(workers)}
+        calls = {i: w.generate_round.remote() for i, w in enumerate(workers)}
         batches: dict[int, list] = {}
         for attempt in range(self.cfg.resources.max_actor_restarts + 1):
             failed = []
             for i, ref in calls.items():
-                try:
-                    batches[i] = get_within(ref, self.timeout, "generation")
+                try:  # the position after the batch comes with it: a later kill cannot lose it
+                    batches[i], self.health.stream_states[i] = get_within(ref, self.timeout, "generation")
                 except (ray.exceptions.RayActorError, RestartedWorker):  # died, or restarted while idle
                     failed.append(i)
             if not failed:
@@ -403,9 +436,7 @@ class Driver:
                   "streams are restored", flush=True)
             self.health.count_restarts()  # waits for the restart, restores the streams
             self.sync_weights()
-            calls = {i: workers[i].generate.remote() for i in failed}
-        self.health.stream_states = dict(enumerate(get_within(
-            [w.state_dict.remote() for w in self.cluster.rollout_workers], self.timeout, "stream states")))
+            calls = {i: workers[i].generate_round.remote() for i in failed}
         teachers = self.cluster.teachers
         pair_lists = get_within(
             [teachers[i % len(teachers)].correct.remote(batches[i]) for i in range(len(workers))],
@@ -507,10 +538,20 @@ class Driver:
             if self.producers:  # bounded: a stalled worker must not turn a fault into a hang
                 ray.wait(self.producers, num_returns=len(self.producers), timeout=min(self.timeout, 30))
             raise
+        self.stop_producers()
+
+    def stop_producers(self) -> None:
+        """End of the run: stop the producers and wait (bounded) for the batches they handed
+        to teachers. One whose rollout worker died since the last step ended with it: Ray
+        restarts the worker, and the batches it had handed off are stored by their teachers or
+        stay in the hand-off ledger (a later resume draws them again)."""
         for w in self.cluster.rollout_workers:
             w.stop.remote()
-        if self.producers:
-            get_within(self.producers, self.timeout, "rollout producers to stop")
+        for i, ref in enumerate(self.producers):
+            try:
+                get_within(ref, self.timeout, "rollout producers to stop")
+            except ray.exceptions.RayActorError as exc:
+                print(f"warning: rollout worker {i} died at the end of the run ({type(exc).__name__})", flush=True)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -544,7 +585,8 @@ def run(cfg: RunConfig) -> RunResult:
         save_report(after, run_dir / "eval_after.json")
         sink.log(after.as_metrics(), step=driver.version)
         get_within([r.save_pretrained.remote(str(run_dir / "policy")) for r in cluster.learners], driver.timeout, "save")
-        (run_dir / "roles.json").write_text(json.dumps(placement_record(cluster), indent=2) + "\n")
+        roles = while_restarting(lambda: placement_record(cluster), "actor placement", cfg.resources.start_timeout_s)
+        (run_dir / "roles.json").write_text(json.dumps(roles, indent=2) + "\n")
         driver.write_checkpoint(wandb_id)
         return RunResult(run_dir, driver.version, before, after)
     finally:

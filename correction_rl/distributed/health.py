@@ -48,12 +48,14 @@ class ActorHealth:
             "teacher": get_within([t.pid.remote() for t in c.teachers], self.timeout, "teacher pids"),
         }
 
-    def count_restarts(self) -> None:
-        self.note_restarts(self.actor_pids())
+    def count_restarts(self) -> int:
+        return self.note_restarts(self.actor_pids())
 
-    def note_restarts(self, pids: dict[str, list[int]]) -> None:
+    def note_restarts(self, pids: dict[str, list[int]]) -> int:
         """A changed process id means Ray restarted that actor (``max_actor_restarts``). A
-        restarted rollout worker continues its prompt stream where its predecessor was."""
+        restarted rollout worker continues its prompt stream where its predecessor was.
+        Returns how many rollout workers were restarted (their engines need the weights)."""
+        rollout_restarts = 0
         for role, now in pids.items():
             for i, (old, new) in enumerate(zip(self.pids[role], now)):
                 if new in self.retired_pids:  # a late answer from before the restart
@@ -64,7 +66,9 @@ class ActorHealth:
                     print(f"warning: {role} worker {i} was restarted (pid {old} -> {new})", flush=True)
                     if role == "rollout":
                         self.restore_stream(i)
+                        rollout_restarts += 1
         self.pids = pids
+        return rollout_restarts
 
     def restore_stream(self, i: int) -> None:
         """Put restarted rollout worker ``i`` back at its last known prompt-stream position:

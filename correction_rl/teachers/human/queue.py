@@ -13,15 +13,22 @@ submits after its lease was handed to someone else.
 
 States: ``pending`` -> ``leased`` -> ``done``; ``skip()`` returns a leased item to ``pending``
 (never offered to that annotator again); ``cancel()`` (the teacher stopped waiting) makes it
-``cancelled``.
+``cancelled``; enqueued again, a cancelled item is ``pending`` once more.
+
+Item ids are content ids (``item_ids``): a batch enqueued a second time finds its own items.
+That is what happens when Ray retries the ``correct`` call of a teacher worker that died while
+people were correcting its batch: the retry collects the corrections already saved and waits for
+the rest, instead of putting a second copy of every item in front of the annotators.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import threading
 import time
-import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -85,6 +92,22 @@ class Item:
         """What an annotator's page may see (no other annotator's names)."""
         return {"item_id": self.item_id, "prompt": self.prompt, "response": self.response,
                 "task": self.task, "lease_expires": self.lease_expires}
+
+
+def item_ids(rollouts: Sequence[Rollout]) -> list[str]:
+    """Content ids: prompt id, policy version and response text, plus the occurrence of that
+    triple within the batch, so identical samples of one prompt in one batch stay separate
+    items while the same batch enqueued twice maps onto the same items. (The same triple in a
+    later batch also finds the earlier item: the same text under the same policy needs the
+    same correction, and nobody is asked twice.)"""
+    seen: Counter = Counter()
+    ids = []
+    for r in rollouts:
+        key = (r.prompt.prompt_id, r.policy_version, r.response_text)
+        seen[key] += 1
+        blob = json.dumps([*key, seen[key]], ensure_ascii=False).encode()
+        ids.append(hashlib.sha256(blob).hexdigest()[:32])
+    return ids
 
 
 class CorrectionQueue:
@@ -169,13 +192,16 @@ class CorrectionQueue:
     # -- producer side (the teacher) ---------------------------------------------------------
 
     def enqueue(self, rollouts: Sequence[Rollout], now: float | None = None) -> list[str]:
-        """Adds one item per rollout; returns their ids, in order."""
+        """One item per rollout; returns their ids, in order. A rollout already queued keeps
+        its item (open, or done with its correction); a cancelled one is reopened."""
         now = time.time() if now is None else now
-        ids = [uuid.uuid4().hex for _ in rollouts]
+        ids = item_ids(rollouts)
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO items (item_id, prompt_id, prompt, response, task, enqueued_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(item_id) DO UPDATE SET state='pending', "
+                "enqueued_at=excluded.enqueued_at, lease_owner=NULL, leased_at=NULL, lease_expires=NULL "
+                "WHERE items.state='cancelled'",
                 [(i, r.prompt.prompt_id, r.prompt.text, r.response_text, r.prompt.task, now + k * 1e-6)
                  for k, (i, r) in enumerate(zip(ids, rollouts))],
             )
