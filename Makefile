@@ -23,14 +23,14 @@ $(STAMP): pyproject.toml
 	# `import transformers` inside vLLM and nothing here needs them (docs/installation.md).
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) -c "import correction_rl, torch, transformers, vllm, ray, deepspeed, wandb"
-	# Headless Chromium renders the run report in tests (Debian package; root only, best effort).
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium not installed: the report rendering test will be skipped"; }
-	# Selenium's driver for headless Chromium in the human-teacher browser tests (Debian package).
-	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		{ apt-get update -qq && apt-get install -y -qq chromium-driver >/dev/null; } || \
-		echo "chromedriver not installed: the human-teacher browser tests will be skipped"; }
+	# Headless Chromium (renders the run report) and Selenium's driver for it (human-teacher
+	# browser tests): Debian packages, root only, best effort; the tests skip without them.
+	@missing="$$(command -v chromium >/dev/null || echo chromium) $$(command -v chromedriver >/dev/null || echo chromium-driver)"; \
+	if [ -n "$$(echo $$missing)" ]; then \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		  apt-get install -y -qq $$missing >/dev/null; } || \
+		echo "not installed: $$missing (the report rendering / human-teacher browser tests will be skipped)"; \
+	fi
 	@touch $(STAMP)
 
 demo: $(STAMP)

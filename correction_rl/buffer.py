@@ -23,6 +23,7 @@ methods).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -61,6 +62,15 @@ class AddResult:
     @property
     def logged(self) -> int:
         return self.admitted + self.stale_on_arrival + self.noops_not_admitted
+
+
+@dataclass(frozen=True)
+class RestoreResult(AddResult):
+    """``load_state_dict``: what happened to the pairs logged after the checkpoint."""
+
+    prompts_logged_after: tuple[str, ...] = ()
+    """Their prompt ids, in log order: a resumed run's prompt streams pass over them
+    (``PromptStream.account_for_logged``) since their pairs are back in the buffer."""
 
 
 @dataclass(frozen=True)
@@ -378,7 +388,7 @@ class ReplayBuffer:
                 "rng": [version, list(internal), gauss],
             }
 
-    def load_state_dict(self, state: dict[str, Any], log_path: str | Path | None = None) -> AddResult:
+    def load_state_dict(self, state: dict[str, Any], log_path: str | Path | None = None) -> RestoreResult:
         """Restore a checkpointed buffer exactly, reading the pairs from the durable log
         (``log_path`` or the attached log's path). Pairs logged AFTER the checkpoint (teacher
         work done before a crash) are admitted too, subject to staleness; pairs sampled or
@@ -413,16 +423,7 @@ class ReplayBuffer:
                 self._seq += 1
             result = self._admit(new)
             self._cond.notify_all()
-            return result
-
-    def prompts_logged_after(self, state: dict[str, Any], log_path: str | Path | None = None) -> list[str]:
-        """Prompt ids of the pairs logged after checkpoint ``state`` was taken, in log order: a
-        resumed run's prompt streams pass over them (``PromptStream.account_for_logged``), since
-        ``load_state_dict`` put their pairs back in the buffer."""
-        cut = state.get("log_records")
-        if cut is None:
-            return []
-        return [p.prompt_id for i, p in enumerate(read(self._log_path(log_path))) if i >= cut]
+            return RestoreResult(**dataclasses.asdict(result), prompts_logged_after=tuple(p.prompt_id for p in new))
 
     def restore_from_log(self, path: str | Path | None = None, learner_version: int | None = None) -> AddResult:
         """Rebuild memory from the durable log alone (no checkpoint state): every logged pair

@@ -124,10 +124,6 @@ def build_human_teacher(cfg: RunConfig) -> Teacher:
     from correction_rl.teachers.human.teacher import HumanTeacher
 
     t = cfg.teacher
-    if cfg.mode != "inprocess" and t.human_wait_s >= cfg.resources.call_timeout_s:
-        raise ValueError(f"teacher.human_wait_s={t.human_wait_s:g} must be < resources.call_timeout_s="
-                         f"{cfg.resources.call_timeout_s:g} in mode {cfg.mode!r}: a teacher worker's "
-                         "correct() call would time out before the human teacher stops waiting")
     db = Path(t.human_db)
     db = db if db.is_absolute() else cfg.run_dir / db
     queue = CorrectionQueue(db, lease_timeout_s=t.human_lease_s)

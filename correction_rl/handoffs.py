@@ -45,10 +45,10 @@ class HandoffLedger:
         if state is not None and (known is None or state["calls"] >= known["calls"]):
             self.positions[worker_id] = state
 
-    def resolve(self, key: BatchKey | Sequence[int] | None) -> None:
+    def resolve(self, key: BatchKey | None) -> None:
         """The batch's pairs are stored (or it yielded none): it is no longer in flight."""
         if key is not None:
-            self.in_flight.pop((int(key[0]), int(key[1])), None)
+            self.in_flight.pop(key, None)
 
     def position(self, worker_id: int) -> dict[str, Any] | None:
         return self.positions.get(worker_id)

@@ -327,7 +327,7 @@ def restore(system: System, ckpt: Checkpoint) -> dict[str, float]:
     after = system.buffer.load_state_dict(state["buffer"])
     # their pairs are back in the buffer: do not draw those prompts again (a regenerated
     # rollout differs once the policy moved on, so the pair-id check below would not catch it)
-    system.train_prompts.account_for_logged(system.buffer.prompts_logged_after(state["buffer"]))
+    system.train_prompts.account_for_logged(after.prompts_logged_after)
     v, internal, gauss = state["rng"]
     system.rng.setstate((v, tuple(internal), gauss))
     system.counters = {k: float(x) for k, x in state["counters"].items()}

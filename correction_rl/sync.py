@@ -48,7 +48,7 @@ class SyncTimeout(TimeoutError):
 
     def __reduce__(self):
         # raised inside a Ray actor, the error is pickled to the driver: rebuild it from its fields
-        return (SyncTimeout, (self.version, self.stage, self.timeout_s))
+        return (type(self), (self.version, self.stage, self.timeout_s))
 
 
 class StaleWeightsError(ValueError):

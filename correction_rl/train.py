@@ -64,7 +64,7 @@ def cli(argv: list[str]) -> int:
 
     try:
         result = run_training(cfg)
-    except CheckpointError as exc:
+    except (CheckpointError, ConfigError) as exc:  # ConfigError: settings refused before the run starts
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:

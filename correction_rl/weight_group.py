@@ -27,8 +27,8 @@ the tests and the benchmark use this module from plain processes too.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,14 +52,16 @@ def choose_transport(
     ``auto`` picks ``collective`` (NCCL) only when learner ranks and rollout workers each hold
     whole GPUs: on one CPU node the object store is shared memory and beats a gloo broadcast over
     loopback, and NCCL refuses two members of one communicator on the same device, which
-    fractional (colocated) GPUs allow. An explicit ``collective`` uses NCCL when both roles have
+    fractional (colocated) GPUs allow, and only when vLLM (whose PyNccl the group uses) is
+    installed. An explicit ``collective`` uses NCCL when both roles have
     GPUs and gloo otherwise; vLLM engines need NCCL (their worker extension joins no gloo group).
     """
     if transport not in ("auto", "object_store", "collective"):
         raise ValueError(f"sync.transport={transport!r}: allowed are auto, object_store, collective")
-    if transport == "auto":
+    if transport == "auto":  # the NCCL group is vLLM's PyNccl: only with vLLM installed
         whole_gpus = gpus_per_learner_rank >= 1 and gpus_per_rollout_worker >= 1
-        return ("collective", "nccl") if whole_gpus else ("object_store", None)
+        nccl = whole_gpus and importlib.util.find_spec("vllm") is not None
+        return ("collective", "nccl") if nccl else ("object_store", None)
     if transport == "object_store":
         return "object_store", None
     backend: Backend = "nccl" if gpus_per_learner_rank > 0 and gpus_per_rollout_worker > 0 else "gloo"
@@ -168,19 +170,6 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-@contextmanager
-def portable_timeouts():
-    """Re-raise ``SyncTimeout`` as ``TimeoutError(message)`` for a member running in another
-    process (a Ray actor): ``SyncTimeout`` does not survive pickling (its ``__init__`` takes three
-    arguments, an exception pickles only its message), so Ray would deliver an unreadable
-    deserialization error instead. The driver turns it back into a ``SyncTimeout`` naming the
-    member (``distributed/collective.py``)."""
-    try:
-        yield
-    except SyncTimeout as exc:
-        raise TimeoutError(str(exc)) from None
-
-
 # --- the group ------------------------------------------------------------------------------
 
 
@@ -208,7 +197,6 @@ class WeightGroup:
     @classmethod
     def join(
         cls, address: GroupAddress, rank: int, timeout_s: float, device: torch.device | str | None = None,
-        version: int = -1,
     ) -> "WeightGroup":
         """Join (rank 0: host) the group; returns when all ``world_size`` members joined, or raises
         ``SyncTimeout`` after ``timeout_s``. All members must call this concurrently."""
@@ -217,9 +205,9 @@ class WeightGroup:
         stage = (f"joining the {address.backend} weight group {address.host}:{address.port} "
                  f"(generation {address.generation}) as rank {rank} of {address.world_size}")
         if address.backend == "gloo":
-            return run_with_timeout(lambda: cls._join_gloo(address, rank, timeout_s), timeout_s, version, stage)
+            return run_with_timeout(lambda: cls._join_gloo(address, rank, timeout_s), timeout_s, -1, stage)
         if address.backend == "nccl":
-            return run_with_timeout(lambda: cls._join_nccl(address, rank, device), timeout_s, version, stage)
+            return run_with_timeout(lambda: cls._join_nccl(address, rank, device), timeout_s, -1, stage)
         raise ValueError(f"unknown weight group backend {address.backend!r}")
 
     @classmethod
@@ -266,12 +254,12 @@ class WeightGroup:
         self._guarded(lambda: self._broadcast(update.buckets, sending=True), timeout_s, update.version, stage)
         return time.perf_counter() - start
 
-    def receive(self, layout: WeightLayout, version: int, timeout_s: float,
-                device: torch.device | str | None = None) -> WeightUpdate:
-        """Rank > 0: receive one update into freshly allocated buckets laid out as ``layout``."""
+    def receive(self, layout: WeightLayout, version: int, timeout_s: float) -> WeightUpdate:
+        """Rank > 0: receive one update into freshly allocated buckets laid out as ``layout``,
+        on this member's device."""
         if self.rank == 0:
             raise RuntimeError("rank 0 sends weights; it does not receive them")
-        buckets = layout.allocate(device if device is not None else self.device)
+        buckets = layout.allocate(self.device)
         stage = f"{self.backend} receive of {len(buckets)} buckets as rank {self.rank}"
         self._guarded(lambda: self._broadcast(buckets, sending=False), timeout_s, version, stage)
         return WeightUpdate(version=version, layout=list(layout.layout), buckets=buckets)
@@ -342,5 +330,4 @@ __all__ = [
     "WeightGroup",
     "WeightLayout",
     "choose_transport",
-    "portable_timeouts",
 ]

@@ -195,7 +195,7 @@ def test_collective_transport_keeps_every_worker_on_the_learner_policy_and_survi
     from correction_rl.rollout.hf import HFGenerator
     from correction_rl.types import Sampling
 
-    from tests.test_distributed import system_config
+    from test_distributed import system_config
 
     cfg = system_config(
         tmp_path, warm_policy_dir, "collective", mode="sync", total_steps=3,
@@ -266,7 +266,7 @@ def test_a_stalled_receiver_raises_sync_timeout_naming_it(tmp_path, ray_local, w
     from correction_rl.distributed.cluster import start_cluster
     from correction_rl.distributed.driver import Driver
 
-    from tests.test_distributed import system_config
+    from test_distributed import system_config
 
     cfg = system_config(tmp_path, warm_policy_dir, "stall", mode="sync", sync__transport="collective",
                         sync__timeout_s=8, sync__inject_load_delay_s=40, learner__zero_stage=0)

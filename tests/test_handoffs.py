@@ -54,7 +54,7 @@ def test_ledger_orders_positions_by_calls_and_replays_unfinished_batches_oldest_
     assert states[0]["stream"] == {"epoch": 0, "position": 8, "replay": ["a", "b", "c", "d"]}
     assert states[1] is None  # handed off nothing: a fresh stream
     ledger.resolve(k1)
-    ledger.resolve(list(k2))  # keys come back from Ray as lists
+    ledger.resolve(k2)
     assert ledger.checkpoint_states(1)[0]["stream"] == {"epoch": 0, "position": 8}
 
 

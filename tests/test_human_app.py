@@ -373,7 +373,6 @@ def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[
             time.sleep(pause_s)  # leave some items to the (slower) person in the browser
 
 
-
 def browser_annotator(page_url: str, stop: threading.Event, saved: list[str]) -> None:
     """A person in Chromium: reads each item, types the oracle's minimal correction over the
     response (or presses "correct as is"), and submits with the keyboard."""
@@ -471,11 +470,11 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
 
 
 def test_ray_modes_refuse_a_human_wait_longer_than_the_actor_call_timeout(tmp_path, tiny_model_dir):
-    from correction_rl.components import build_human_teacher
     from correction_rl.config import config_from_dict
+    from correction_rl.distributed.driver import check_settings
 
     cfg = config_from_dict({"output_dir": str(tmp_path), "mode": "async", "model": {"path": str(tiny_model_dir)},
                             "teacher": {"kind": "human", "human_wait_s": 600},
                             "resources": {"call_timeout_s": 300}})
     with pytest.raises(ValueError, match=r"human_wait_s=600 must be < resources.call_timeout_s=300"):
-        build_human_teacher(cfg)
+        check_settings(cfg)

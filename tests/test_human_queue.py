@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -133,6 +134,25 @@ def test_a_retried_batch_finds_its_items_and_the_corrections_already_saved(tmp_p
     assert [c.rejection for c in retried] == [None, "timeout", "timeout"]
     assert q.enqueue(batch) == first
     assert q.counts() == {"pending": 2, "leased": 0, "done": 1, "cancelled": 0}, "withdrawn items reopen"
+
+
+def test_a_caller_giving_up_does_not_withdraw_an_item_another_caller_still_waits_for(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    batch = rollouts(["5"])
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.extend(HumanTeacher(q, wait_s=20, poll_s=0.02).correct(batch)))
+    waiter.start()
+    while not q.open_items():
+        pass
+    # the same rollout (same content id) from a second caller that gives up meanwhile
+    assert HumanTeacher(q, wait_s=0.1, poll_s=0.02).correct(batch)[0].rejection == "timeout"
+    deadline = time.monotonic() + 10
+    while (item := q.lease("alice")) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert item is not None, "withdrawn for good: the waiting caller did not reopen it"
+    q.complete(item.item_id, "alice", "0")
+    waiter.join(20)
+    assert [c.corrected_text for c in result] == ["0"]
 
 
 def test_teacher_times_out_withdraws_and_counts_and_uses_the_fallback(tmp_path):

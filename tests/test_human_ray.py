@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from correction_rl.metrics import read_jsonl_metrics
+from correction_rl.teachers.human.host import lock_path, url_path
 
 from test_distributed import system_config
 from test_human_app import ALICE, BOB, _free_port, auth, scripted_annotator
@@ -58,7 +59,7 @@ def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, r
         resources__num_teacher_workers=2, resources__call_timeout_s=120, resources__max_actor_restarts=2,
     )
     db = cfg.run_dir / "human_queue.sqlite"
-    lock_file = db.with_name(db.name + ".lock")
+    lock_file = lock_path(db)
     stop, answering = threading.Event(), threading.Event()
     answering.set()
     saved: list = []
@@ -115,7 +116,7 @@ def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, r
     assert len(pairs) >= cfg.total_steps * cfg.learner.micro_batch_pairs
     assert all(p.teacher == "human" for p in pairs)
     assert all(tok.decode(p.chosen_ids, skip_special_tokens=True) in corrected for p in pairs)
-    assert not (db.with_name(db.name + ".url")).exists()  # the teachers closed: nobody serves
+    assert not url_path(db).exists()  # the teachers closed: nobody serves
 
 
 def _me(client: httpx.Client, url: str):

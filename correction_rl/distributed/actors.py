@@ -35,8 +35,9 @@ from correction_rl.types import CorrectionPair, Prompt, Rollout, StepStats, Weig
 
 
 class RestartedWorker(RuntimeError):
-    """A restarted rollout worker was asked for prompts, or for its stream position, before the
-    driver restored its predecessor's position (``load_state_dict``)."""
+    """A restarted rollout worker was asked for prompts or an evaluation before the driver gave
+    it back its predecessor's stream position and the current weights, or for its stream
+    position before that was restored."""
 
 
 class BusyClock:
@@ -68,9 +69,14 @@ class RolloutWorker:
         self.calls = 0
         self.tokens = 0
         self.init_model = None  # loaded on first evaluation (KL reference)
-        self.awaiting_stream = ray.get_runtime_context().was_current_actor_reconstructed
+        self.eval_teacher = None  # built on first evaluation (eval.teacher)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.awaiting_stream = restarted
         """A process Ray restarted draws no prompt until the driver has given it its
         predecessor's stream position (``load_state_dict``): a fresh stream would repeat prompts."""
+        self.awaiting_weights = restarted
+        """... nor generates or evaluates before it has loaded the current weights: its engine
+        starts from the initial ones."""
         self.busy_since: float | None = None
         """When the running ``generate`` / ``load_weights`` started (None: idle); a call that
         runs far longer than any should means a stuck engine (``health``)."""
@@ -99,6 +105,25 @@ class RolloutWorker:
             raise EngineUnhealthy(f"rollout worker {self.worker_id} cannot load weights: {problem}")
 
     @contextlib.contextmanager
+    def engine_call(self):
+        """Marks an engine call (generation, weight load) for the stall check (``health``)
+        and the busy clock (idle fraction)."""
+        start = time.perf_counter()
+        self.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_since = None
+            self.clock.add(time.perf_counter() - start)
+
+    def install(self, update: WeightUpdate) -> None:
+        """Load ``update`` into the engine; engines that can keep the buckets (mapped,
+        read-only, or freshly received) skip the copy (docs/rollout.md)."""
+        adopt = getattr(self.generator, "adopt_weights", None)
+        (adopt or self.generator.load_weights)(update)
+        self.awaiting_weights = False
+
+    @contextlib.contextmanager
     def engine_lock(self):
         """``self.lock`` for a weight load. A dead vLLM engine leaves the generation that was
         running blocked forever, holding the lock: fail fast with the engine's verdict instead
@@ -114,24 +139,20 @@ class RolloutWorker:
     def policy_version(self) -> int:
         return self.generator.policy_version
 
-    def _raise_if_awaiting_stream(self) -> None:
-        if self.awaiting_stream:
-            raise RestartedWorker(f"rollout worker {self.worker_id} was restarted and its stream "
-                                  "position is not restored yet")
+    def _raise_if_restarted(self, weights: bool = True) -> None:
+        missing = [what for what, flag in (("stream position", self.awaiting_stream),
+                                           ("weights", weights and self.awaiting_weights)) if flag]
+        if missing:
+            raise RestartedWorker(f"rollout worker {self.worker_id} was restarted and its "
+                                  f"{' and '.join(missing)} are not restored yet")
 
     def generate(self) -> list[Rollout]:
         """One batch of rollouts from the next prompts of this worker's stream."""
-        self._raise_if_awaiting_stream()
-        with self.lock:
-            start = time.perf_counter()
-            self.busy_since = time.monotonic()
-            try:
-                prompts = self.stream.next_batch(self.cfg.rollout.batch_size)
-                seed = (self.cfg.seed * 1_000_003 + self.worker_id * 7919 + self.calls) % 2**31
-                rollouts = self.generator.generate(prompts, rollout_sampling(self.cfg, seed))
-            finally:
-                self.busy_since = None
-            self.clock.add(time.perf_counter() - start)
+        self._raise_if_restarted()
+        with self.lock, self.engine_call():
+            prompts = self.stream.next_batch(self.cfg.rollout.batch_size)
+            seed = (self.cfg.seed * 1_000_003 + self.worker_id * 7919 + self.calls) % 2**31
+            rollouts = self.generator.generate(prompts, rollout_sampling(self.cfg, seed))
             self.calls += 1
             self.tokens += sum(len(r.response_ids) for r in rollouts)
             return rollouts
@@ -180,33 +201,27 @@ class RolloutWorker:
     def load_weights(self, update: WeightUpdate) -> int:
         from correction_rl.distributed.weights import from_transport
 
-        with self.engine_lock():
-            start = time.perf_counter()
-            self.busy_since = time.monotonic()
-            try:
-                if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
-                    time.sleep(self.cfg.sync.inject_load_delay_s)
-                update = from_transport(update)
-                # Engines that can keep the mapped, read-only buckets skip the copy (docs/rollout.md).
-                adopt = getattr(self.generator, "adopt_weights", None)
-                (adopt or self.generator.load_weights)(update)
-            finally:
-                self.busy_since = None
-            self.clock.add(time.perf_counter() - start)
+        with self.engine_lock(), self.engine_call():
+            if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
+                time.sleep(self.cfg.sync.inject_load_delay_s)
+            self.install(from_transport(update))
             return self.generator.policy_version
 
     def state_dict(self) -> dict[str, Any]:
         """Prompt-stream position and sampling-call count (checkpoint). Lock-free on purpose:
         a checkpoint after a stalled sync must not wait for the stalled ``load_weights``. A
         restarted worker has no position of its own until the driver restores it."""
-        self._raise_if_awaiting_stream()
+        self._raise_if_restarted(weights=False)
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "calls": self.calls, "tokens": self.tokens}
 
-    def load_state_dict(self, state: dict[str, Any] | None, logged_after: Sequence[str] = ()) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None, logged_after: Sequence[str] = ()) -> dict[str, Any]:
         """Stream position and counters (a checkpoint's, or a restarted worker's predecessor's;
         None: keep the fresh stream — the predecessor had drawn nothing known). A resumed run
         also passes the prompt ids whose pairs were logged after its checkpoint: they are not
-        drawn again (``PromptStream.account_for_logged``)."""
+        drawn again (``PromptStream.account_for_logged``). Returns the state now held."""
         with self.lock:
             if state is not None:
                 self.stream.load_state_dict(state["stream"])
@@ -214,6 +229,7 @@ class RolloutWorker:
                 self.tokens = int(state.get("tokens", 0))
             self.stream.account_for_logged(logged_after)
             self.awaiting_stream = False
+            return self._state()
 
     def greedy(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
         from correction_rl.types import Sampling
@@ -232,14 +248,17 @@ class RolloutWorker:
         from correction_rl.evaluation import evaluate
         from correction_rl.models import load_model, load_tokenizer
 
+        self._raise_if_restarted()
         policy_model = getattr(self.generator, "model", None)
         if self.init_model is None and policy_model is not None:
             self.init_model = load_model(self.cfg.model.path).eval()
+        if self.eval_teacher is None:  # built once: a model teacher is an engine of its own
+            self.eval_teacher = build_eval_teacher(self.cfg)
         with self.lock:
             return evaluate(
                 self.generator,
                 prompts,
-                build_eval_teacher(self.cfg),
+                self.eval_teacher,
                 rollout_sampling(self.cfg, seed=self.cfg.seed),
                 policy_model=policy_model,
                 init_model=self.init_model,
@@ -255,9 +274,10 @@ class RolloutWorker:
         }
 
     def close(self) -> None:
-        close = getattr(self.generator, "close", None)
-        if close:
-            close()
+        for part in (self.generator, self.eval_teacher):
+            close = getattr(part, "close", None)
+            if close:
+                close()
 
     # === collective weight transport (sync.transport: collective; distributed/collective.py) ===
     # This worker (HF engine: the actor process itself) or its vLLM engine's workers (GPU:
@@ -282,9 +302,9 @@ class RolloutWorker:
         workers from that rank on). Holds the lock: vLLM's ``LLM`` must not serve an RPC while it
         generates. Blocks until every member joined (bounded: ``SyncTimeout``)."""
         from correction_rl.sync import run_with_timeout
-        from correction_rl.weight_group import WeightGroup, portable_timeouts
+        from correction_rl.weight_group import WeightGroup
 
-        with self.lock, portable_timeouts():
+        with self.engine_lock():
             self._collective_close()
             if self._collective_vllm():
                 if address.backend != "nccl":
@@ -313,34 +333,29 @@ class RolloutWorker:
         buckets are fresh, so the HF engine adopts them without a copy. Returns a
         ``TransferReport``."""
         from correction_rl.sync import run_with_timeout
-        from correction_rl.weight_group import TransferReport, portable_timeouts
+        from correction_rl.weight_group import TransferReport
 
         group = getattr(self, "_wg", None)
         if group is None:
             raise RuntimeError(f"rollout worker {self.worker_id} is in no weight group (restarted?)")
         layout = self._wg_layout
-        with self.lock, portable_timeouts():
+        with self.engine_lock(), self.engine_call():  # the stall check sees a stuck receive
             start = time.perf_counter()
             deadline = time.monotonic() + timeout_s
-            self.busy_since = time.monotonic()  # the driver's stall check sees a stuck receive
-            try:
-                if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
-                    time.sleep(self.cfg.sync.inject_load_delay_s)
-                remaining = max(1e-3, deadline - time.monotonic())
-                t0 = time.perf_counter()
-                if group == "vllm":
-                    run_with_timeout(lambda: self.generator.receive_nccl(layout.describe(version)),
-                                     remaining, version, "vLLM workers receive + reload")
-                    transfer = time.perf_counter() - t0
-                else:
-                    update = group.receive(layout, version, remaining)
-                    transfer = time.perf_counter() - t0
-                    adopt = getattr(self.generator, "adopt_weights", None)
-                    (adopt or self.generator.load_weights)(update)
-            finally:
-                self.busy_since = None
+            if self.cfg.sync.inject_load_delay_s > 0:  # fault drill: a stalled engine
+                time.sleep(self.cfg.sync.inject_load_delay_s)
+            remaining = max(1e-3, deadline - time.monotonic())
+            t0 = time.perf_counter()
+            if group == "vllm":
+                run_with_timeout(lambda: self.generator.receive_nccl(layout.describe(version)),
+                                 remaining, version, "vLLM workers receive + reload")
+                transfer = time.perf_counter() - t0
+                self.awaiting_weights = False
+            else:
+                update = group.receive(layout, version, remaining)
+                transfer = time.perf_counter() - t0
+                self.install(update)
             seconds = time.perf_counter() - start
-            self.clock.add(seconds)
         return TransferReport(version=self.generator.policy_version, seconds=seconds,
                               transfer_seconds=transfer, num_bytes=layout.num_bytes)
 
@@ -491,7 +506,7 @@ class BufferActor:
         and their prompt ids are returned (the rollout workers do not draw those again)."""
         result = self.buffer.load_state_dict(state)
         return {"logged": result.logged, "admitted": result.admitted, "size": len(self.buffer),
-                "prompts_logged_after": self.buffer.prompts_logged_after(state)}
+                "prompts_logged_after": list(result.prompts_logged_after)}
 
     def close(self) -> None:
         self.buffer.close()
@@ -557,12 +572,18 @@ class LearnerRank:
         under ZeRO-3 each parameter is gathered collectively."""
         from correction_rl.sync import flatten_to_buckets
 
+        named = self.rank0_weights()
+        return None if named is None else flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
+
+    def rank0_weights(self):
+        """``named_weights()`` on rank 0, None elsewhere. Every rank must call it: under ZeRO-3
+        each parameter is gathered collectively, so the other ranks walk the iterator too."""
         named = self.learner.named_weights()
-        if self.rank != 0:
-            for _ in named:  # take part in the gathers
-                pass
-            return None
-        return flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
+        if self.rank == 0:
+            return named
+        for _ in named:  # take part in the gathers
+            pass
+        return None
 
     def version(self) -> int:
         return self.learner.version
@@ -581,8 +602,7 @@ class LearnerRank:
         if self.rank == 0:
             self.learner.save_pretrained(path)
         else:
-            for _ in self.learner.named_weights():  # take part in the gathers
-                pass
+            self.rank0_weights()
 
     def metrics(self) -> dict[str, Any]:
         return {f"train/rank{self.rank}/idle_fraction": self.clock.idle_fraction()}
@@ -597,26 +617,21 @@ class LearnerRank:
         the gathers and return None). Planned on meta tensors: no second copy of the weights."""
         from correction_rl.weight_group import WeightLayout
 
-        named = self.learner.named_weights()
-        if self.rank != 0:
-            for _ in named:
-                pass
-            return None
-        return WeightLayout.plan(named, self.cfg.sync.bucket_mb * 2**20)
+        named = self.rank0_weights()
+        return None if named is None else WeightLayout.plan(named, self.cfg.sync.bucket_mb * 2**20)
 
     def collective_join(self, address, layout, timeout_s: float) -> int:
         """Rank 0 only: leave any previous group, then host and join ``address`` as its rank 0
         (blocks until every member joined; bounded: ``SyncTimeout``)."""
         import torch
 
-        from correction_rl.weight_group import WeightGroup, portable_timeouts
+        from correction_rl.weight_group import WeightGroup
 
         if self.rank != 0:
             raise RuntimeError(f"learner rank {self.rank} is not a weight group member; rank 0 is")
         self.collective_leave()
         device = torch.device("cuda", torch.cuda.current_device()) if address.backend == "nccl" else None
-        with portable_timeouts():
-            self._wg = WeightGroup.join(address, 0, timeout_s, device=device)
+        self._wg = WeightGroup.join(address, 0, timeout_s, device=device)
         self._wg_layout = layout
         return address.generation
 
@@ -624,7 +639,7 @@ class LearnerRank:
         """Gather (every rank), bucket and broadcast (rank 0) the current weights as ``version``.
         Rank 0 gathers before any check can fail, so the other ranks never wait in a gather
         rank 0 skipped. Returns rank 0's ``TransferReport`` (None on other ranks)."""
-        from correction_rl.weight_group import TransferReport, portable_timeouts
+        from correction_rl.weight_group import TransferReport
 
         start = time.perf_counter()
         update = self.gathered_update()
@@ -636,8 +651,7 @@ class LearnerRank:
         if update.version != version:
             raise ValueError(f"the driver syncs version {version}, learner rank 0 holds {update.version}")
         self._wg_layout.check(update)
-        with portable_timeouts():
-            transfer = group.send(update, max(1e-3, timeout_s - (time.perf_counter() - start)))
+        transfer = group.send(update, max(1e-3, timeout_s - (time.perf_counter() - start)))
         return TransferReport(version=version, seconds=time.perf_counter() - start,
                               transfer_seconds=transfer, num_bytes=update.num_bytes)
 

@@ -100,7 +100,7 @@ class CollectiveSync:
             return False
         generations = self._wait(
             {w.collective_generation.remote(): f"rollout worker {i}" for i, w in enumerate(self.workers)},
-            version, "asking the rollout workers for their weight group", self.timeout_s,
+            version, "asking the rollout workers for their weight group",
         )
         return all(g == self.generation for g in generations)
 
@@ -112,15 +112,15 @@ class CollectiveSync:
         if self.layout is None:
             layouts = self._wait(
                 {r.collective_layout.remote(): f"learner rank {i}" for i, r in enumerate(self.learners)},
-                version, "planning the weight layout on the learner ranks", self.timeout_s,
+                version, "planning the weight layout on the learner ranks",
             )
             self.layout = layouts[0]
         ranks = self._wait(
             {w.collective_num_ranks.remote(): f"rollout worker {i}" for i, w in enumerate(self.workers)},
-            version, "counting the receiving ranks of the rollout workers", self.timeout_s,
+            version, "counting the receiving ranks of the rollout workers",
         )
         (host, port), = self._wait({self.learners[0].__ray_call__.remote(_node_address): "learner rank 0"},
-                                    version, "rendezvous address on learner rank 0", self.timeout_s)
+                                    version, "rendezvous address on learner rank 0")
         self.generation += 1
         address = GroupAddress(host, port, 1 + sum(ranks), self.backend, self.generation)
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
@@ -130,9 +130,9 @@ class CollectiveSync:
             calls[worker.collective_join.remote(address, offset, self.layout, limit)] = f"rollout worker {i}"
         try:
             self._wait(calls, version, f"joining the {self.backend} weight group {host}:{port} "
-                       f"(world {address.world_size})", self.timeout_s)
+                       f"(world {address.world_size})")
         except BaseException:
-            self._leave_all()  # half-joined members must not keep waiting on a dead group
+            self.close(timeout_s=0)  # half-joined members must not keep waiting on a dead group
             raise
         self.joined = True
         return time.perf_counter() - start
@@ -151,7 +151,7 @@ class CollectiveSync:
                       for i, w in enumerate(self.workers)})
         try:
             results = self._wait(calls, version, f"{self.backend} broadcast (gather on the learner "
-                                 "ranks, receive + load on the rollout workers)", self.timeout_s)
+                                 "ranks, receive + load on the rollout workers)")
         except BaseException:
             self.joined = False  # unknown state: some member may be mid-broadcast
             raise
@@ -175,35 +175,29 @@ class CollectiveSync:
         )
 
     # -- helpers --------------------------------------------------------------------------------
-    def _wait(self, calls: dict, version: int, stage: str, timeout_s: float) -> list:
+    def _wait(self, calls: dict, version: int, stage: str) -> list:
         """Results of ``calls`` (ref -> member name) in insertion order, or ``SyncTimeout``
-        naming the members still pending after ``timeout_s``; a member's error re-raises with
-        its own traceback."""
+        naming the members still pending after ``sync.timeout_s``; a member's error re-raises
+        with its own traceback as soon as that member answers (the others may be blocked on it)."""
         refs = list(calls)
         pending = list(refs)
-        deadline = time.perf_counter() + timeout_s
+        deadline = time.perf_counter() + self.timeout_s
         while pending:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 names = ", ".join(calls[r] for r in refs if r in pending)
-                raise SyncTimeout(version, f"{stage}: no answer from {names}", timeout_s)
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=remaining)
-            for ref in done:  # surface a member's error at once
+                raise SyncTimeout(version, f"{stage}: no answer from {names}", self.timeout_s)
+            done, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            for ref in done:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
                     if isinstance(cause, TimeoutError):  # the member's own watchdog fired first
                         raise SyncTimeout(version, f"{stage}: {calls[ref]} reported: {cause}",
-                                          timeout_s) from exc
+                                          self.timeout_s) from exc
                     raise
         return ray.get(refs)
-
-    def _leave_all(self) -> None:
-        """Best effort, not awaited: members drop their (half-built) group."""
-        self.learners[0].collective_leave.remote()
-        for worker in self.workers:
-            worker.collective_leave.remote()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Every member leaves the group (bounded; actors being killed anyway may not answer)."""

@@ -27,7 +27,7 @@ import ray
 
 from correction_rl.checkpoint import Checkpoint, save_checkpoint
 from correction_rl.components import build_sink, load_prompts
-from correction_rl.config import RunConfig, dump_config, to_dict
+from correction_rl.config import ConfigError, RunConfig, dump_config, to_dict
 from correction_rl.diffs import maybe_log_corrections
 from correction_rl.distributed.actors import RestartedWorker
 from correction_rl.distributed.calls import get_within, while_restarting
@@ -48,6 +48,7 @@ from correction_rl.loop import (
 from correction_rl.rollout.base import EngineUnhealthy
 from correction_rl.sync import SyncReport, SyncTimeout
 from correction_rl.types import CorrectionPair, StepStats
+from correction_rl.weight_group import choose_transport
 
 
 @dataclasses.dataclass
@@ -163,6 +164,7 @@ class Driver:
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 future.set_exception(exc)
 
+        # a daemon thread, not an executor's: a second Ctrl-C must not wait for a stalled load
         threading.Thread(target=run, daemon=True, name=f"weight-sync-v{version}").start()
         self.pending_sync = future
 
@@ -196,15 +198,12 @@ class Driver:
             "held-out evaluation")
 
     def across_rollout_restarts(self, call, what: str):
-        """``call()`` (a call on rollout workers) once every worker Ray restarted has its stream
-        position and the current weights back — a restarted engine starts from the initial
-        weights (an evaluation would silently measure those), and a restarted worker answers no
-        stream question before its position is restored (``RestartedWorker``) — and again if a
-        worker dies during the call. Bounded by ``resources.max_actor_restarts``; a worker out
-        of restarts raises ``ActorDiedError``."""
+        """``call()`` (a call on rollout workers), made again once a worker that died during it,
+        or that Ray restarted earlier, has its stream position and the current weights back: a
+        restarted worker refuses to generate or evaluate before that (``RestartedWorker``), so
+        it cannot silently serve the initial weights. Bounded by ``resources.max_actor_restarts``;
+        a worker out of restarts raises ``ActorDiedError``."""
         for attempt in range(self.cfg.resources.max_actor_restarts + 1):
-            if self.health.count_restarts():  # waits for a restart under way, restores streams
-                self.sync_weights()
             try:
                 return call()
             except (ray.exceptions.RayActorError, RestartedWorker) as exc:
@@ -212,6 +211,8 @@ class Driver:
                     raise
                 print(f"warning: {what} met a restarted rollout worker ({type(exc).__name__}); "
                       "restoring it and asking again", flush=True)
+                self.health.count_restarts()  # waits for a restart under way, restores streams
+                self.sync_weights()
         raise AssertionError("unreachable")
 
     def request_telemetry(self) -> "TelemetryRequest":
@@ -282,27 +283,26 @@ class Driver:
         if not done:
             return
         self.finish_background_sync()  # a pending load must not race the restarted worker's sync
+        ended: dict[int, str] = {}
         for ref in done:
             i = self.producers.index(ref)
             try:
                 ray.get(ref, timeout=self.timeout)
-                reason = "returned"
+                ended[i] = "returned"
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                reason = type(exc).__name__
+                ended[i] = type(exc).__name__
             restarts = self.health.count("faults/producer_restarts")
             if restarts > self.max_producer_restarts:
                 raise RuntimeError(
                     f"rollout producers failed {int(restarts)} times "
-                    f"(last: worker {i}, {reason}); more than resources.max_actor_restarts allows"
+                    f"(last: worker {i}, {ended[i]}); more than resources.max_actor_restarts allows"
                 )
-            print(f"warning: producer of rollout worker {i} ended ({reason}); restarting it", flush=True)
-            if reason == "RayTaskError":  # the actor lives: was it its engine that failed?
-                worker = self.cluster.rollout_workers[i]
-                health = while_restarting(lambda: get_within(worker.health.remote(), self.timeout, "rollout worker health"),
-                                           "rollout worker health", self.cfg.resources.start_timeout_s)
-                self.health.replace_unhealthy({i: health})
-            self.health.count_restarts()
-            self.sync_weights()  # a restarted engine starts from the initial weights
+            print(f"warning: producer of rollout worker {i} ended ({ended[i]}); restarting it", flush=True)
+        if "RayTaskError" in ended.values():  # the actor lives: was it its engine that failed?
+            self.health.check_engines()
+        self.health.count_restarts()
+        self.sync_weights()  # restarted engines start from the initial weights
+        for i in ended:
             self.producers[i] = self._produce(self.cluster.rollout_workers[i])
 
     def tend_producers(self) -> None:
@@ -327,13 +327,10 @@ class Driver:
         if self.cfg.mode == "async":  # producers run on: their hand-offs, snapshotted with the pairs
             state = get_within(c.buffer.checkpoint_state.remote(len(c.rollout_workers)), timeout,
                                "buffer and hand-off state for a checkpoint")
-        else:  # between lockstep rounds nothing is in flight
+        else:  # between lockstep rounds nothing is in flight; each round reported the positions
             state = {
                 "buffer": get_within(c.buffer.state_dict.remote(), timeout, "buffer state for a checkpoint"),
-                "rollout_workers": self.across_rollout_restarts(
-                    lambda: get_within([w.state_dict.remote() for w in c.rollout_workers], timeout,
-                                       "rollout worker state for a checkpoint"),
-                    "the checkpoint's stream positions"),
+                "rollout_workers": [self.health.stream_states.get(i) for i in range(len(c.rollout_workers))],
             }
         state.update(version=self.version, pairs_trained=self.pairs_trained, wandb_run_id=wandb_run_id)
 
@@ -357,12 +354,12 @@ class Driver:
         workers = state["rollout_workers"]
         streams: list[dict[str, Any]] = []
         if len(workers) == len(c.rollout_workers):  # else: fresh streams (worker count changed)
-            get_within([w.load_state_dict.remote(s, after["prompts_logged_after"])
-                        for w, s in zip(c.rollout_workers, workers)], self.timeout, "rollout worker restore")
-            restored = get_within([w.state_dict.remote() for w in c.rollout_workers], self.timeout,
-                                  "restored rollout worker states")
-            self.health.stream_states = dict(enumerate(restored))
-            get_within(c.buffer.seed_stream_positions.remote(restored), self.timeout, "stream positions")
+            restored = get_within([w.load_state_dict.remote(s, after["prompts_logged_after"])
+                                   for w, s in zip(c.rollout_workers, workers)], self.timeout, "rollout worker restore")
+            if self.cfg.mode == "async":  # positions until each producer's first hand-off
+                get_within(c.buffer.seed_stream_positions.remote(restored), self.timeout, "stream positions")
+            else:
+                self.health.stream_states = dict(enumerate(restored))
             streams = [s["stream"] for s in restored]
         self.sync_weights()
         return {
@@ -505,6 +502,8 @@ class Driver:
                             self.begin_background_sync()
                         else:
                             metrics.update(self.sync_to_healthy_engines().as_metrics())
+                if evaluating or checkpointing:  # never while a load is still under way
+                    self.finish_background_sync()  # one from an earlier step (sync.every_steps > 1)
                 if evaluating:
                     with clock("eval"):
                         metrics.update(self.evaluate().as_metrics())
@@ -554,8 +553,24 @@ class Driver:
                 print(f"warning: rollout worker {i} died at the end of the run ({type(exc).__name__})", flush=True)
 
 
+def check_settings(cfg: RunConfig) -> None:
+    """Settings only the Ray modes can get wrong, refused (``ConfigError``) before any resource
+    is reserved or engine started."""
+    res, t = cfg.resources, cfg.teacher
+    try:
+        choose_transport(cfg.sync.transport, res.gpus_per_learner_rank, res.gpus_per_rollout_worker,
+                         cfg.rollout.engine)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if t.kind == "human" and t.human_wait_s >= res.call_timeout_s:
+        raise ConfigError(f"teacher.human_wait_s={t.human_wait_s:g} must be < resources.call_timeout_s="
+                          f"{res.call_timeout_s:g} in mode {cfg.mode!r}: a teacher worker's correct() "
+                          "call would time out before the human teacher stops waiting")
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Start (or join) Ray, place the actors, train, evaluate before and after."""
+    check_settings(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

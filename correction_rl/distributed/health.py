@@ -30,8 +30,9 @@ class ActorHealth:
         self.retired_pids: set[int] = set()
         """Processes Ray replaced (telemetry is collected a step late: it may still name them)."""
         self.stream_states: dict[int, dict[str, Any]] = {}
-        """Each rollout worker's stream state after the last lockstep round (sync mode) or from
-        the checkpoint a run resumed from."""
+        """Sync mode: each rollout worker's stream state after the last lockstep round, or from
+        the checkpoint a run resumed from (async mode keeps them in the buffer actor's
+        hand-off ledger)."""
         self.pids = self.actor_pids()
 
     def count(self, key: str) -> float:
@@ -73,11 +74,12 @@ class ActorHealth:
     def restore_stream(self, i: int) -> None:
         """Put restarted rollout worker ``i`` back at its last known prompt-stream position:
         the one its producer reported after its last handed-off batch (async: kept by the buffer
-        actor), the one after the last lockstep round (sync), or the checkpoint's (a resumed
-        run), so the lost batch is redone and no prompt is drawn twice."""
-        state = self.stream_states.get(i)
+        actor, seeded with the checkpoint's on resume), or the one after the last lockstep round
+        (sync, likewise), so the lost batch is redone and no prompt is drawn twice."""
         if self.cfg.mode == "async":
-            state = get_within(self.cluster.buffer.stream_position.remote(i), self.timeout, "stream position") or state
+            state = get_within(self.cluster.buffer.stream_position.remote(i), self.timeout, "stream position")
+        else:
+            state = self.stream_states.get(i)
         while_restarting(lambda: get_within(self.cluster.rollout_workers[i].load_state_dict.remote(state),
                                             self.timeout, "rollout worker stream restore"),
                          "rollout worker stream restore", self.cfg.resources.start_timeout_s)

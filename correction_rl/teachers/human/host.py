@@ -57,7 +57,7 @@ class AppHost:
                  retry_s: float = 2.0, announce: Callable[[str], None] | None = None) -> None:
         if retry_s <= 0:
             raise ValueError(f"retry_s={retry_s}: must be > 0")
-        self.db = Path(db)
+        self.db = Path(db).resolve()  # also this process's registry key (``acquire_host``)
         self.make_app = make_app
         self.host, self.port = host, port
         self.retry_s = float(retry_s)
@@ -173,7 +173,7 @@ class HostLease:
             self.host.refs -= 1
             last = self.host.refs == 0
             if last:
-                _REGISTRY.pop(str(self.host.db.resolve()), None)
+                _REGISTRY.pop(str(self.host.db), None)
         if last:
             self.host.close()
 

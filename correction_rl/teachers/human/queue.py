@@ -132,11 +132,11 @@ class CorrectionQueue:
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection, set up for several processes on one node sharing the file.
 
-        * ``busy_timeout`` (``BUSY_TIMEOUT_S``): a writer waits for another process's transaction
-          instead of failing with "database is locked"; every write is one short ``BEGIN
-          IMMEDIATE`` transaction (the write lock is taken up front, so two writers never
-          deadlock upgrading read locks).
-        * WAL journal: readers (the teachers polling ``done``) never block the writer (a save)
+        * busy timeout (``connect(timeout=BUSY_TIMEOUT_S)``): a writer waits for another
+          process's transaction instead of failing with "database is locked"; every write is
+          one short ``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two
+          writers never deadlock upgrading read locks).
+        * WAL journal: readers (the teachers polling ``items``) never block the writer (a save)
           and vice versa. WAL needs shared memory, hence one node and a local disk.
         * ``synchronous=FULL``: a commit is on disk before we tell the browser "saved".
 
@@ -146,7 +146,6 @@ class CorrectionQueue:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             deadline = time.monotonic() + BUSY_TIMEOUT_S
             while True:
                 try:
@@ -210,17 +209,21 @@ class CorrectionQueue:
     def get(self, item_id: str) -> Item | None:
         return self._item(self._conn().execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone())
 
-    def done(self, item_ids: Iterable[str]) -> dict[str, Item]:
-        """The finished items among ``item_ids``."""
+    def items(self, item_ids: Iterable[str]) -> dict[str, Item]:
+        """The items among ``item_ids``, in any state."""
         ids = list(item_ids)
         out: dict[str, Item] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             rows = self._conn().execute(
-                f"SELECT * FROM items WHERE state='done' AND item_id IN ({','.join('?' * len(chunk))})", chunk
+                f"SELECT * FROM items WHERE item_id IN ({','.join('?' * len(chunk))})", chunk
             ).fetchall()
             out.update({r["item_id"]: self._item(r) for r in rows})
         return out
+
+    def done(self, item_ids: Iterable[str]) -> dict[str, Item]:
+        """The finished items among ``item_ids``."""
+        return {i: item for i, item in self.items(item_ids).items() if item.state == "done"}
 
     def cancel(self, item_ids: Iterable[str]) -> int:
         """Withdraws still-open items (the teacher stopped waiting); returns how many. A done item

@@ -54,10 +54,15 @@ class HumanTeacher:
             return []
         ids = self.queue.enqueue(rollouts)
         deadline = time.monotonic() + self.wait_s
-        done = self.queue.done(ids)
-        while len(done) < len(ids) and time.monotonic() < deadline:
+        while True:
+            items = self.queue.items(ids)
+            done = {i: item for i, item in items.items() if item.state == "done"}
+            if len(done) == len(ids) or time.monotonic() >= deadline:
+                break
+            if any(item.state == "cancelled" for item in items.values()):
+                # another caller waiting for the same rollout (same content id) gave up on it
+                self.queue.enqueue(rollouts)
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
-            done = self.queue.done(ids)
         late = [i for i in ids if i not in done]
         if late:
             self.queue.cancel(late)

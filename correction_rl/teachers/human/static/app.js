@@ -104,7 +104,7 @@ async function loadNext() {
     status(e.message, true);
     if (e.status === 401) signOut();
     // The app may be moving to another process (Ray modes): a page without an item keeps asking.
-    else if (!item) { clearTimeout(pollTimer); pollTimer = setTimeout(loadNext, 3000); }
+    else if (!item) show(null);
   }
 }
 
