@@ -14,7 +14,7 @@ import statistics
 import time
 
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
-from correction_rl.learner import Learner
+from correction_rl.learner.learner import Learner
 from correction_rl.models import PAD, build_model, vocab
 from correction_rl.types import CorrectionPair
 

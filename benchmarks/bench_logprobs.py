@@ -4,7 +4,7 @@ Run from the repo root: ``python benchmarks/bench_logprobs.py [--quick] [--repea
 [--vocab 32000 128000]``. Prints one JSON line per vocabulary size (batch 8, sequence 1024,
 fp32 logits, CPU).
 
-Variants (``correction_rl.logprobs``):
+Variants (``correction_rl.learner.logprobs``):
 
 * ``naive``: ``log_softmax(logits).gather(...)`` (``naive_sequence_logprobs``);
 * ``chunked``: ``sequence_logprobs`` with ``inplace_backward=True``, what ``score_pairs`` uses;
@@ -51,7 +51,7 @@ def worker(variant: str, batch: int, seq: int, vocab: int, chunk: int, threads: 
     import torch
 
     torch.set_num_threads(threads)
-    from correction_rl.logprobs import naive_sequence_logprobs, sequence_logprobs
+    from correction_rl.learner.logprobs import naive_sequence_logprobs, sequence_logprobs
 
     def run(logits, ids, mask):
         if variant == "naive":

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from correction_rl.config import load_config
-from correction_rl.loop import run
-from correction_rl.warmstart import WarmStartConfig, warm_start
+from correction_rl.run.inprocess import run
+from correction_rl.tools.warmstart import WarmStartConfig, warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import ray
 
-from correction_rl.components import load_prompts
+from correction_rl.run.components import load_prompts
 from correction_rl.config import config_from_dict
 from correction_rl.distributed.cluster import init_ray, start_cluster
 from correction_rl.distributed.driver import Driver

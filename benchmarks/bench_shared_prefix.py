@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from correction_rl.collate import collate_pairs  # noqa: E402
+from correction_rl.learner.collate import collate_pairs  # noqa: E402
 from correction_rl.config import ObjectiveConfig  # noqa: E402
 from correction_rl.models import build_model  # noqa: E402
-from correction_rl.objectives import correction_loss  # noqa: E402
-from correction_rl.shared_prefix import score_pairs, shared_prefix_cost_ratio, use_shared_prefix  # noqa: E402
+from correction_rl.learner.objectives import correction_loss  # noqa: E402
+from correction_rl.learner.shared_prefix import score_pairs, shared_prefix_cost_ratio, use_shared_prefix  # noqa: E402
 from correction_rl.types import CorrectionPair  # noqa: E402
 
 

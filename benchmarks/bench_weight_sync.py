@@ -32,7 +32,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 from correction_rl.models import count_parameters, load_model, make_model
 from correction_rl.rollout.hf import HFGenerator
-from correction_rl.sync import InProcessSync, flatten_to_buckets
+from correction_rl.weights.sync import InProcessSync, flatten_to_buckets
 
 
 def raw_copy_seconds(update, dst: list[torch.Tensor]) -> float:
@@ -107,19 +107,19 @@ class BenchSender:
         self.group = None
 
     def collective_layout(self):
-        from correction_rl.weight_group import WeightLayout
+        from correction_rl.weights.group import WeightLayout
 
         return WeightLayout.of(self.update)
 
     def collective_join(self, address, layout, timeout_s: float) -> int:
-        from correction_rl.weight_group import WeightGroup
+        from correction_rl.weights.group import WeightGroup
 
         self.collective_leave()
         self.group = WeightGroup.join(address, 0, timeout_s)
         return address.generation
 
     def collective_send(self, version: int, timeout_s: float):
-        from correction_rl.weight_group import TransferReport
+        from correction_rl.weights.group import TransferReport
 
         self.update.version = version
         seconds = self.group.send(self.update, timeout_s)

@@ -11,12 +11,12 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-model": ("correction_rl.models", "Build and save a tiny offline model + tokenizer."),
-    "warmstart": ("correction_rl.warmstart", "Supervised warm start of an imperfect policy on a task."),
-    "eval": ("correction_rl.evaluation", "Held-out correction metrics of a model."),
+    "warmstart": ("correction_rl.tools.warmstart", "Supervised warm start of an imperfect policy on a task."),
+    "eval": ("correction_rl.run.evaluation", "Held-out correction metrics of a model."),
     "train": ("correction_rl.train", "Run correction optimization from a config."),
-    "demo": ("correction_rl.demo", "The README's demo: warm start, then a short real training run."),
+    "demo": ("correction_rl.tools.demo", "The README's demo: warm start, then a short real training run."),
     "config": ("correction_rl.config_cli", "Validate a config, print the resolved one or all fields."),
-    "report": ("correction_rl.report", "PNG plots and an HTML summary page from a run directory."),
+    "report": ("correction_rl.observe.report", "PNG plots and an HTML summary page from a run directory."),
 }
 
 

@@ -244,6 +244,15 @@ class LearnerConfig:
     """Global gradient-norm clip (0 disables)."""
     bf16: Literal["auto", "on", "off"] = "auto"
     """bfloat16 training: ``auto`` enables it on CUDA devices that support it."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """DeepSpeed ZeRO optimizer-state offload (stages 1-3): ``cpu`` keeps Adam's moments and the
+    fp32 master weights in host memory, trading step time for GPU memory (docs/scaling.md)."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """DeepSpeed ZeRO-3 parameter offload: ``cpu`` keeps the partitioned parameters in host
+    memory between uses (stage 3 only)."""
+    zero_init: bool = True
+    """With ZeRO-3, build the model inside ``deepspeed.zero.Init`` so each rank only ever holds
+    its partition of the weights (no whole model on one device)."""
 
 
 @section

@@ -12,7 +12,7 @@ from correction_rl.config import ConfigError, RunConfig, load_config
 def run_training(cfg: RunConfig):
     """``inprocess`` runs the reference loop here; ``async``/``sync`` start the Ray system."""
     if cfg.mode == "inprocess":
-        from correction_rl.loop import run
+        from correction_rl.run.inprocess import run
     else:
         from correction_rl.distributed.driver import run
     return run(cfg)
@@ -20,7 +20,7 @@ def run_training(cfg: RunConfig):
 
 def resume_config_path(run_dir: str, config: str | None) -> str:
     """The base config of ``--resume RUN_DIR``; refuses a directory without a checkpoint."""
-    from correction_rl.checkpoint import list_checkpoints
+    from correction_rl.run.checkpoint import list_checkpoints
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -59,8 +59,8 @@ def cli(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from correction_rl.checkpoint import CheckpointError
-    from correction_rl.loop import RunInterrupted
+    from correction_rl.run.checkpoint import CheckpointError
+    from correction_rl.run.inprocess import RunInterrupted
 
     try:
         result = run_training(cfg)

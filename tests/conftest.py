@@ -114,7 +114,7 @@ def vllm_engine_reset(vllm_engine, tiny_model_dir):
     """``vllm_engine`` with the tiny model's initial weights loaded again, at version
     ``policy_version + 1`` (versions only move forward)."""
     from correction_rl.models import load_model
-    from correction_rl.sync import flatten_to_buckets
+    from correction_rl.weights.sync import flatten_to_buckets
 
     initial = load_model(tiny_model_dir)
     update = flatten_to_buckets(initial.named_parameters(), vllm_engine.policy_version + 1, 1 << 22)
@@ -138,7 +138,7 @@ def ray_local():
 def _warm_started(tmp_path_factory, folder: str, name: str, **warm) -> Path:
     """A tiny policy warm-started (seed 0) by the project's own ``warm_start``; fails the
     fixture if it did not reach its band."""
-    from correction_rl.warmstart import WarmStartConfig, warm_start
+    from correction_rl.tools.warmstart import WarmStartConfig, warm_start
 
     out = tmp_path_factory.mktemp(folder) / name
     result = warm_start(WarmStartConfig(seed=0, **warm), out, log=lambda *_: None)

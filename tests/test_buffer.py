@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from correction_rl.buffer import BufferStateError, ReplayBuffer, suggested_max_pending
+from correction_rl.buffer.replay import BufferStateError, ReplayBuffer, suggested_max_pending
 from correction_rl.config import BufferConfig
-from correction_rl.correction_log import CorrectionLog, read
+from correction_rl.buffer.correction_log import CorrectionLog, read
 from correction_rl.types import CorrectionPair, make_pair_id
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from correction_rl.checkpoint import (
+from correction_rl.run.checkpoint import (
     CheckpointError,
     ConfigMismatch,
     check_compatible,
@@ -20,7 +20,7 @@ from correction_rl.checkpoint import (
     verify,
 )
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig, RunConfig, config_from_dict, to_dict
-from correction_rl.learner import Learner
+from correction_rl.learner.learner import Learner
 from correction_rl.models import build_model
 
 from test_learner import PAIRS, TOKENIZER

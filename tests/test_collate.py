@@ -2,7 +2,7 @@
 
 import pytest
 
-from correction_rl.collate import collate_pairs, common_prefix_length
+from correction_rl.learner.collate import collate_pairs, common_prefix_length
 from correction_rl.types import CorrectionPair
 
 

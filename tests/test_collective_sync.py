@@ -1,6 +1,6 @@
 """The collective weight transport (``sync.transport: collective``).
 
-Ray-free: two real processes join a gloo weight group (``correction_rl.weight_group``); rank 0
+Ray-free: two real processes join a gloo weight group (``correction_rl.weights.group``); rank 0
 broadcasts a real model's buckets, rank 1 receives them bit for bit; a member that never joins or
 never receives turns into ``SyncTimeout`` within the limit instead of a hang. Ray (slow): a short
 DeepSpeed run with the collective transport leaves every rollout worker on the learner's greedy
@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from correction_rl.sync import SyncTimeout, flatten_to_buckets
-from correction_rl.weight_group import GroupAddress, WeightGroup, WeightLayout, choose_transport
+from correction_rl.weights.sync import SyncTimeout, flatten_to_buckets
+from correction_rl.weights.group import GroupAddress, WeightGroup, WeightLayout, choose_transport
 
 
 def _free_port() -> int:
@@ -186,11 +186,11 @@ def test_collective_transport_keeps_every_worker_on_the_learner_policy_and_survi
     forever for rank 1 in the gather.)"""
     import ray
 
-    from correction_rl.components import load_prompts
+    from correction_rl.run.components import load_prompts
     from correction_rl.distributed.cluster import start_cluster
     from correction_rl.distributed.collective import CollectiveSync
     from correction_rl.distributed.driver import Driver
-    from correction_rl.metrics import JsonlSink, read_jsonl_metrics
+    from correction_rl.observe.metrics import JsonlSink, read_jsonl_metrics
     from correction_rl.models import load_model, load_tokenizer
     from correction_rl.rollout.hf import HFGenerator
     from correction_rl.types import Sampling
@@ -262,7 +262,7 @@ def test_a_stalled_receiver_raises_sync_timeout_naming_it(tmp_path, ray_local, w
     inside its receive while holding its lock, so learner rank 0's broadcast cannot finish; the
     driver raises ``SyncTimeout`` after ``sync.timeout_s``, naming the pending members, instead of
     hanging."""
-    from correction_rl.components import load_prompts
+    from correction_rl.run.components import load_prompts
     from correction_rl.distributed.cluster import start_cluster
     from correction_rl.distributed.driver import Driver
 

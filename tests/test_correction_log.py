@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from correction_rl.correction_log import (
+from correction_rl.buffer.correction_log import (
     CorrectionLog,
     CorrectionLogError,
     TruncatedLogWarning,
@@ -147,7 +147,7 @@ def test_bad_pair_fields_and_blank_lines_are_named(tmp_path):
 
 
 def test_failed_write_leaves_no_half_record(tmp_path, monkeypatch):
-    import correction_rl.correction_log as mod
+    import correction_rl.buffer.correction_log as mod
 
     path = tmp_path / "log.jsonl"
     log = CorrectionLog(path)
@@ -192,7 +192,7 @@ def test_records_survive_a_killed_writer_process(tmp_path):
     path = tmp_path / "log.jsonl"
     code = (
         "import os, sys\n"
-        "from correction_rl.correction_log import CorrectionLog\n"
+        "from correction_rl.buffer.correction_log import CorrectionLog\n"
         "from tests.test_correction_log import pair\n"
         "log = CorrectionLog(sys.argv[1])\n"
         "log.append([pair(i) for i in range(3)])\n"

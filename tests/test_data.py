@@ -7,7 +7,7 @@ import json
 import pytest
 
 from correction_rl.config import TaskConfig
-from correction_rl.data import PromptFileError, load_prompts, prompts_for, save_prompts
+from correction_rl.prompts.files import PromptFileError, load_prompts, prompts_for, save_prompts
 from correction_rl.tasks import get_task
 from correction_rl.types import Prompt
 

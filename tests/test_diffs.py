@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from correction_rl.diffs import (
+from correction_rl.observe.diffs import (
     TABLE_COLUMNS,
     DiffSegment,
     corrections_table,
@@ -18,9 +18,9 @@ from correction_rl.diffs import (
     token_diff_html,
 )
 from correction_rl.edits import edit_distance
-from correction_rl.metrics import JsonlSink, MultiSink
+from correction_rl.observe.metrics import JsonlSink, MultiSink
 from correction_rl.models import build_tokenizer
-from correction_rl.pairs import make_pair
+from correction_rl.pairs.make import make_pair
 from correction_rl.types import Correction, Prompt, Rollout
 
 
@@ -124,8 +124,8 @@ def test_maybe_log_corrections_every_n_steps_loads_the_tokenizer_itself(tiny_mod
                                                                          monkeypatch):
     """What the Ray driver does: no tokenizer at hand (None), a W&B sink inside a MultiSink."""
     from correction_rl.config import load_config
-    from correction_rl.diffs import TABLE_KEY, maybe_log_corrections
-    from correction_rl.metrics import WandbSink, read_offline_runs
+    from correction_rl.observe.diffs import TABLE_KEY, maybe_log_corrections
+    from correction_rl.observe.metrics import WandbSink, read_offline_runs
 
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from correction_rl.metrics import read_jsonl_metrics, read_offline_run
+from correction_rl.observe.metrics import read_jsonl_metrics, read_offline_run
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def system_config_dict(tmp_path, policy_dir, name: str, **overrides) -> dict:
 
 
 def test_async_run_writes_metrics_to_wandb_and_the_correction_log(tmp_path, ray_local, warm_policy_dir):
-    from correction_rl.correction_log import read
+    from correction_rl.buffer.correction_log import read
     from correction_rl.distributed.driver import run
 
     cfg = system_config(tmp_path, warm_policy_dir, "async", metrics__table_every_steps=2)
@@ -83,10 +83,10 @@ def test_two_learner_ranks_in_sync_mode_keep_every_worker_on_the_learner_policy(
 ):
     import ray
 
-    from correction_rl.components import load_prompts
+    from correction_rl.run.components import load_prompts
     from correction_rl.distributed.cluster import start_cluster
     from correction_rl.distributed.driver import Driver
-    from correction_rl.metrics import MultiSink
+    from correction_rl.observe.metrics import MultiSink
     from correction_rl.models import load_model, load_tokenizer
     from correction_rl.rollout.hf import HFGenerator
     from correction_rl.types import Sampling

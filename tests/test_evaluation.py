@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from correction_rl.edits import common_prefix_length, edit_distance, normalized_edit_distance
-from correction_rl.evaluation import cli, compute_metrics, evaluate, score_responses
+from correction_rl.run.evaluation import cli, compute_metrics, evaluate, score_responses
 from correction_rl.models import build_model, build_tokenizer, make_model
 from correction_rl.rollout.hf import HFGenerator
 from correction_rl.tasks import get_task

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from correction_rl.checkpoint import latest_valid
-from correction_rl.correction_log import read
-from correction_rl.metrics import read_jsonl_metrics
-from correction_rl.sync import SyncTimeout
+from correction_rl.run.checkpoint import latest_valid
+from correction_rl.buffer.correction_log import read
+from correction_rl.observe.metrics import read_jsonl_metrics
+from correction_rl.weights.sync import SyncTimeout
 
 from test_distributed import system_config
 

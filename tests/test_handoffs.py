@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from correction_rl.handoffs import HandoffLedger
-from correction_rl.prompt_stream import PromptStream
+from correction_rl.prompts.handoffs import HandoffLedger
+from correction_rl.prompts.stream import PromptStream
 from correction_rl.types import Prompt
 
 PROMPTS = [Prompt(prompt_id=f"p{k}", text=f"q{k}", task="addition") for k in range(40)]

@@ -241,8 +241,8 @@ def _last_metrics(run_dir: Path) -> dict[str, float]:
 def test_training_run_through_faults_counts_every_failure_and_loses_no_pair(
     tmp_path, fault_server, monkeypatch, capfd, reverse_policy_dir
 ):
-    from correction_rl.correction_log import read
-    from correction_rl.loop import run
+    from correction_rl.buffer.correction_log import read
+    from correction_rl.run.inprocess import run
     from correction_rl.models import load_tokenizer
     from correction_rl.tasks import get_task
 
@@ -296,8 +296,8 @@ def test_training_run_through_faults_counts_every_failure_and_loses_no_pair(
 
 @pytest.mark.slow
 def test_training_run_with_vllm_server_as_http_teacher(tmp_path, vllm_teacher_server, reverse_policy_dir, monkeypatch):
-    from correction_rl.correction_log import read
-    from correction_rl.loop import run
+    from correction_rl.buffer.correction_log import read
+    from correction_rl.run.inprocess import run
     from correction_rl.models import load_tokenizer
     from correction_rl.tasks import get_task
 

@@ -410,7 +410,7 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
     """Without Chromium the run is fed by the scripted annotator alone (the browser part is what
     the skip reason of the other browser tests names)."""
     from correction_rl.config import config_from_dict
-    from correction_rl.loop import run
+    from correction_rl.run.inprocess import run
 
     port = _free_port()
     monkeypatch.setenv("CRL_TEST_HUMAN_TOKENS", f"alice={ALICE},bob={BOB}")

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from correction_rl.metrics import read_jsonl_metrics
+from correction_rl.observe.metrics import read_jsonl_metrics
 from correction_rl.teachers.human.host import lock_path, url_path
 
 from test_distributed import system_config
@@ -43,7 +43,7 @@ def lock_holder(lock_file) -> int | None:
 
 
 def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, ray_local, tiny_model_dir):
-    from correction_rl.correction_log import read
+    from correction_rl.buffer.correction_log import read
     from correction_rl.distributed.driver import run
     from correction_rl.models import load_tokenizer
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
-from correction_rl.learner import Learner, lr_lambda
+from correction_rl.learner.backends import lr_lambda
+from correction_rl.learner.learner import Learner
 from correction_rl.models import build_model, build_tokenizer
 from correction_rl.types import CorrectionPair
 

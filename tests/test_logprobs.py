@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from correction_rl.logprobs import (
+from correction_rl.learner.logprobs import (
     IGNORE_INDEX,
     naive_sequence_logprobs,
     sequence_logprobs,

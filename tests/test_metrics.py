@@ -8,7 +8,7 @@ import json
 import pytest
 
 from correction_rl.config import MetricsConfig
-from correction_rl.metrics import (
+from correction_rl.observe.metrics import (
     ConsoleSink,
     JsonlSink,
     MetricSink,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from correction_rl.config import LengthPriorConfig, ObjectiveConfig
-from correction_rl.objectives import (
+from correction_rl.learner.objectives import (
     NegativeBinomialLengthPrior,
     PairScores,
     correction_loss,

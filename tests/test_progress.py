@@ -7,8 +7,8 @@ import io
 import pytest
 
 from correction_rl.config import load_config
-from correction_rl.metrics import MetricSink
-from correction_rl.progress import ProgressSink, format_eta, progress_line
+from correction_rl.observe.metrics import MetricSink
+from correction_rl.observe.progress import ProgressSink, format_eta, progress_line
 
 
 class Clock:
@@ -86,7 +86,7 @@ def test_eta_format_and_mode_validation():
 
 
 def test_the_run_config_builds_the_progress_sink(tmp_path):
-    from correction_rl.components import build_sink
+    from correction_rl.run.components import build_sink
 
     cfg = load_config(None, {"output_dir": str(tmp_path), "total_steps": 7,
                              "metrics": {"wandb_mode": "disabled", "progress": "lines"}})

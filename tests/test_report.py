@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from correction_rl.diffs import TABLE_COLUMNS, TABLE_KEY
-from correction_rl.metrics import read_jsonl_metrics, read_offline_runs
-from correction_rl.report import PLOTS, load_run, sample_pairs
+from correction_rl.observe.diffs import TABLE_COLUMNS, TABLE_KEY
+from correction_rl.observe.metrics import read_jsonl_metrics, read_offline_runs
+from correction_rl.observe.report import PLOTS, load_run, sample_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ SCRIPT = '<script>document.body.setAttribute("data-pwned","1")</script>'
 def short_run(tmp_path_factory, warm_policy_dir):
     """Four learner steps of the in-process loop with a corrections table every 2 steps."""
     from correction_rl.config import config_from_dict
-    from correction_rl.loop import run
+    from correction_rl.run.inprocess import run
 
     root = tmp_path_factory.mktemp("report_run")
     cfg = config_from_dict({
@@ -84,7 +84,7 @@ def test_wandb_offline_run_has_namespaced_metrics_and_the_corrections_table(shor
 
 def logged_tables(wandb_file: Path) -> list[tuple[dict, dict[str, str]]]:
     """(table JSON, artifact path -> local file) of every table artifact in a ``.wandb`` file."""
-    from correction_rl.metrics import iter_wandb_records
+    from correction_rl.observe.metrics import iter_wandb_records
 
     out = []
     for record in iter_wandb_records(wandb_file):
@@ -124,10 +124,10 @@ def _chromium() -> str | None:
 
 
 def test_page_escapes_responses_and_renders_in_headless_chromium(short_run, tmp_path):
-    from correction_rl.correction_log import CorrectionLog
+    from correction_rl.buffer.correction_log import CorrectionLog
     from correction_rl.models import load_tokenizer
-    from correction_rl.pairs import make_pair
-    from correction_rl.report import write_report
+    from correction_rl.pairs.make import make_pair
+    from correction_rl.observe.report import write_report
     from correction_rl.types import Correction, Prompt, Rollout
 
     # A copy of the real run whose log also holds a response that is an HTML script.

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from correction_rl.checkpoint import latest_valid, list_checkpoints
-from correction_rl.correction_log import read
-from correction_rl.metrics import read_jsonl_metrics, read_offline_runs
+from correction_rl.run.checkpoint import latest_valid, list_checkpoints
+from correction_rl.buffer.correction_log import read
+from correction_rl.observe.metrics import read_jsonl_metrics, read_offline_runs
 
 pytestmark = pytest.mark.slow
 TOTAL = 16

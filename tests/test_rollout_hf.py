@@ -8,7 +8,7 @@ from conftest import TRAIN_EXAMPLES
 
 from correction_rl.rollout import Generator
 from correction_rl.rollout.hf import HFGenerator
-from correction_rl.sync import InProcessSync, flatten_to_buckets
+from correction_rl.weights.sync import InProcessSync, flatten_to_buckets
 from correction_rl.types import Prompt, Sampling
 
 GREEDY = Sampling(max_new_tokens=8, temperature=0.0)

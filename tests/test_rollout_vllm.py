@@ -11,7 +11,7 @@ from conftest import TRAIN_EXAMPLES
 
 from correction_rl.rollout import Generator
 from correction_rl.rollout.hf import HFGenerator
-from correction_rl.sync import InProcessSync, StaleWeightsError, flatten_to_buckets
+from correction_rl.weights.sync import InProcessSync, StaleWeightsError, flatten_to_buckets
 from correction_rl.types import Prompt, Sampling
 
 pytestmark = pytest.mark.slow

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from correction_rl.collate import collate_pairs
+from correction_rl.learner.collate import collate_pairs
 from correction_rl.config import ObjectiveConfig
 from correction_rl.models import build_model
-from correction_rl.objectives import correction_loss
-from correction_rl.shared_prefix import score_pairs, shared_prefix_cost_ratio, use_shared_prefix
+from correction_rl.learner.objectives import correction_loss
+from correction_rl.learner.shared_prefix import score_pairs, shared_prefix_cost_ratio, use_shared_prefix
 from correction_rl.types import CorrectionPair
 
 

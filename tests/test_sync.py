@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from correction_rl.rollout.hf import HFGenerator
-from correction_rl.sync import (
+from correction_rl.weights.sync import (
     InProcessSync,
     StaleWeightsError,
     SyncTimeout,

@@ -179,7 +179,7 @@ def test_circuit_breaker_opens_after_consecutive_failures_and_half_opens_after_c
 
 
 def test_config_builds_teacher_settings_and_rejects_unknown_templates(tmp_path):
-    from correction_rl.components import build_teacher
+    from correction_rl.run.components import build_teacher
     from correction_rl.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="teacher.on_rejection"):

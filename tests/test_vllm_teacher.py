@@ -74,8 +74,8 @@ def test_a_prompt_too_long_for_the_engine_is_a_counted_rejection(vllm_teacher):
 
 def test_training_run_with_a_vllm_teacher(tmp_path, reverse_policy_dir, reverse_teacher_dir):
     from correction_rl.config import config_from_dict
-    from correction_rl.correction_log import read
-    from correction_rl.loop import run
+    from correction_rl.buffer.correction_log import read
+    from correction_rl.run.inprocess import run
 
     cfg = config_from_dict({
         "name": "vllm-teacher", "output_dir": str(tmp_path), "mode": "inprocess", "total_steps": 3,

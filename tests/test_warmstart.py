@@ -10,7 +10,7 @@ from correction_rl.models import load_model, load_tokenizer, vocab
 from correction_rl.rollout.hf import HFGenerator
 from correction_rl.tasks import TaskError, get_task
 from correction_rl.types import Prompt
-from correction_rl.warmstart import (
+from correction_rl.tools.warmstart import (
     WarmStartConfig,
     _batch,
     cli,

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import ray
 
-from correction_rl.buffer import ReplayBuffer
-from correction_rl.components import (
+from correction_rl.buffer.replay import ReplayBuffer
+from correction_rl.run.components import (
     buffer_config,
     build_eval_teacher,
     build_generator,
@@ -27,9 +27,9 @@ from correction_rl.components import (
     rollout_sampling,
 )
 from correction_rl.config import RunConfig
-from correction_rl.correction_log import CorrectionLog
-from correction_rl.handoffs import HandoffLedger
-from correction_rl.prompt_stream import PromptStream
+from correction_rl.buffer.correction_log import CorrectionLog
+from correction_rl.prompts.handoffs import HandoffLedger
+from correction_rl.prompts.stream import PromptStream
 from correction_rl.rollout.base import EngineUnhealthy
 from correction_rl.types import CorrectionPair, Prompt, Rollout, StepStats, WeightUpdate
 
@@ -244,8 +244,8 @@ class RolloutWorker:
         The KL(pi || pi_init) estimate needs the policy as a torch model: the HF engine has one;
         with vLLM the KL column stays empty.
         """
-        from correction_rl.components import eval_modes
-        from correction_rl.evaluation import evaluate
+        from correction_rl.run.components import eval_modes
+        from correction_rl.run.evaluation import evaluate
         from correction_rl.models import load_model, load_tokenizer
 
         self._raise_if_restarted()
@@ -301,8 +301,8 @@ class RolloutWorker:
         """Leave any previous group, then join ``address`` as rank ``rank_offset`` (vLLM: its
         workers from that rank on). Holds the lock: vLLM's ``LLM`` must not serve an RPC while it
         generates. Blocks until every member joined (bounded: ``SyncTimeout``)."""
-        from correction_rl.sync import run_with_timeout
-        from correction_rl.weight_group import WeightGroup
+        from correction_rl.weights.sync import run_with_timeout
+        from correction_rl.weights.group import WeightGroup
 
         with self.engine_lock():
             self._collective_close()
@@ -332,8 +332,8 @@ class RolloutWorker:
         ``load_weights`` (and with its fault drill ``sync.inject_load_delay_s``). The received
         buckets are fresh, so the HF engine adopts them without a copy. Returns a
         ``TransferReport``."""
-        from correction_rl.sync import run_with_timeout
-        from correction_rl.weight_group import TransferReport
+        from correction_rl.weights.sync import run_with_timeout
+        from correction_rl.weights.group import TransferReport
 
         group = getattr(self, "_wg", None)
         if group is None:
@@ -381,7 +381,7 @@ class TeacherWorker:
 
     def __init__(self, cfg: RunConfig, worker_id: int):
         from correction_rl.models import load_model, load_tokenizer
-        from correction_rl.objectives import needs_reference
+        from correction_rl.learner.objectives import needs_reference
 
         self.cfg = cfg
         self.worker_id = worker_id
@@ -389,7 +389,7 @@ class TeacherWorker:
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.reference = None
         if needs_reference(cfg.objective):
-            from correction_rl.reference import ReferenceScorer
+            from correction_rl.pairs.reference import ReferenceScorer
 
             self.reference = ReferenceScorer(
                 load_model(cfg.model.path), self.tokenizer.pad_token_id, cfg.objective, cfg.model
@@ -402,7 +402,7 @@ class TeacherWorker:
         return os.getpid()
 
     def correct(self, rollouts: Sequence[Rollout]) -> list[CorrectionPair]:
-        from correction_rl.pairs import make_pairs
+        from correction_rl.pairs.make import make_pairs
 
         start = time.perf_counter()
         corrections = self.teacher.correct(rollouts)
@@ -527,7 +527,7 @@ class LearnerRank:
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
         )
-        from correction_rl.learner import Learner
+        from correction_rl.learner.learner import Learner
         from correction_rl.models import load_model, load_tokenizer
 
         self.cfg = cfg
@@ -570,7 +570,7 @@ class LearnerRank:
     def gathered_update(self) -> WeightUpdate | None:
         """The full weights as buckets on rank 0 (None on the others). Every rank must call it:
         under ZeRO-3 each parameter is gathered collectively."""
-        from correction_rl.sync import flatten_to_buckets
+        from correction_rl.weights.sync import flatten_to_buckets
 
         named = self.rank0_weights()
         return None if named is None else flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
@@ -615,7 +615,7 @@ class LearnerRank:
     def collective_layout(self):
         """The static ``WeightLayout`` of this model's updates (rank 0; other ranks take part in
         the gathers and return None). Planned on meta tensors: no second copy of the weights."""
-        from correction_rl.weight_group import WeightLayout
+        from correction_rl.weights.group import WeightLayout
 
         named = self.rank0_weights()
         return None if named is None else WeightLayout.plan(named, self.cfg.sync.bucket_mb * 2**20)
@@ -625,7 +625,7 @@ class LearnerRank:
         (blocks until every member joined; bounded: ``SyncTimeout``)."""
         import torch
 
-        from correction_rl.weight_group import WeightGroup
+        from correction_rl.weights.group import WeightGroup
 
         if self.rank != 0:
             raise RuntimeError(f"learner rank {self.rank} is not a weight group member; rank 0 is")
@@ -639,7 +639,7 @@ class LearnerRank:
         """Gather (every rank), bucket and broadcast (rank 0) the current weights as ``version``.
         Rank 0 gathers before any check can fail, so the other ranks never wait in a gather
         rank 0 skipped. Returns rank 0's ``TransferReport`` (None on other ranks)."""
-        from correction_rl.weight_group import TransferReport
+        from correction_rl.weights.group import TransferReport
 
         start = time.perf_counter()
         update = self.gathered_update()

@@ -1,5 +1,5 @@
 """Weight sync by broadcast (``sync.transport: collective``): learner rank 0 broadcasts the
-buckets through a weight group (``correction_rl/weight_group.py``) straight into every rollout
+buckets through a weight group (``correction_rl/weights/group.py``) straight into every rollout
 worker's engine: gloo on CPU, NCCL on GPU (there the receiving ranks of a vLLM engine are its
 own workers, joined through ``crl_nccl_init``; an HF engine's actor joins itself).
 
@@ -32,8 +32,8 @@ from typing import Sequence
 import ray
 
 from correction_rl.config import RunConfig
-from correction_rl.sync import SyncReport, SyncTimeout
-from correction_rl.weight_group import Backend, GroupAddress, TransferReport, WeightLayout, choose_transport
+from correction_rl.weights.sync import SyncReport, SyncTimeout
+from correction_rl.weights.group import Backend, GroupAddress, TransferReport, WeightLayout, choose_transport
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,18 @@ from typing import Any
 
 import ray
 
-from correction_rl.checkpoint import Checkpoint, save_checkpoint
-from correction_rl.components import build_sink, load_prompts
+from correction_rl.run.checkpoint import Checkpoint, save_checkpoint
+from correction_rl.run.components import build_sink, load_prompts
 from correction_rl.config import ConfigError, RunConfig, dump_config, to_dict
-from correction_rl.diffs import maybe_log_corrections
+from correction_rl.observe.diffs import maybe_log_corrections
 from correction_rl.distributed.actors import RestartedWorker
 from correction_rl.distributed.calls import get_within, while_restarting
 from correction_rl.distributed.cluster import Cluster, describe_placement, init_ray, start_cluster
 from correction_rl.distributed.collective import make_weight_sync
 from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.weights import ObjectStoreSync
-from correction_rl.evaluation import EvalReport
-from correction_rl.loop import (
+from correction_rl.run.evaluation import EvalReport
+from correction_rl.run.inprocess import (
     RunInterrupted,
     RunResult,
     StopSignals,
@@ -46,9 +46,9 @@ from correction_rl.loop import (
     save_report,
 )
 from correction_rl.rollout.base import EngineUnhealthy
-from correction_rl.sync import SyncReport, SyncTimeout
+from correction_rl.weights.sync import SyncReport, SyncTimeout
 from correction_rl.types import CorrectionPair, StepStats
-from correction_rl.weight_group import choose_transport
+from correction_rl.weights.group import choose_transport
 
 
 @dataclasses.dataclass
@@ -381,7 +381,7 @@ class Driver:
             note = (f"checkpoint written at step {self.version}: {path}; resume with "
                     f"`correction-rl train --resume {self.cfg.run_dir}`")
         except Exception as ck_exc:  # noqa: BLE001 - a dead learner cannot save its state
-            from correction_rl.checkpoint import latest_valid
+            from correction_rl.run.checkpoint import latest_valid
 
             prev, _ = latest_valid(self.cfg.run_dir)
             note = (f"no checkpoint at step {self.version} ({type(ck_exc).__name__}: {ck_exc}); "

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from correction_rl.sync import SyncReport, SyncTimeout
+from correction_rl.weights.sync import SyncReport, SyncTimeout
 from correction_rl.types import WeightUpdate
 
 _VIEW_AS = {torch.bfloat16: torch.int16}

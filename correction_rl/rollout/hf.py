@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
-from correction_rl.sync import check_version, load_into_module, unflatten
+from correction_rl.weights.sync import check_version, load_into_module, unflatten
 from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
 
 

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
-from correction_rl.sync import (
+from correction_rl.weights.sync import (
     SyncReport,
     SyncTimeout,
     check_version,

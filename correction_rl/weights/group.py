@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from correction_rl.sync import SyncTimeout, flatten_to_buckets, run_with_timeout
+from correction_rl.weights.sync import SyncTimeout, flatten_to_buckets, run_with_timeout
 from correction_rl.types import WeightUpdate
 
 Backend = Literal["gloo", "nccl"]

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from correction_rl.config import ObjectiveConfig
-from correction_rl.logprobs import reduce_logprobs, sequence_logprobs, shifted_labels, token_logprobs
-from correction_rl.objectives import PairScores
+from correction_rl.learner.logprobs import reduce_logprobs, sequence_logprobs, shifted_labels, token_logprobs
+from correction_rl.learner.objectives import PairScores
 from correction_rl.types import TrainBatch
 
 AUTO_MAX_COST_RATIO = 0.8
@@ -45,7 +45,7 @@ def _lengths(batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     if batch.prompt_lengths is None or batch.shared_prefix_lengths is None:
         raise ValueError(
             "TrainBatch.prompt_lengths / shared_prefix_lengths are None; build the batch with "
-            "correction_rl.collate.collate_pairs to use objective.shared_prefix"
+            "correction_rl.learner.collate.collate_pairs to use objective.shared_prefix"
         )
     n = batch.num_pairs
     counts = batch.response_mask.sum(dim=1)

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from correction_rl.collate import collate_pairs
+from correction_rl.learner.collate import collate_pairs
 from correction_rl.config import ModelConfig, ObjectiveConfig
-from correction_rl.shared_prefix import score_pairs
+from correction_rl.learner.shared_prefix import score_pairs
 from correction_rl.types import CorrectionPair
 
 

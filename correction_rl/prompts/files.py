@@ -109,7 +109,7 @@ def prompts_for(config, split: str, seed: int) -> list[Prompt]:
 def cli(argv: list[str]) -> int:
     """``correction-rl prompts --task addition --split eval --num 200 --out FILE``: export."""
     from correction_rl.tasks import make_prompts
-    from correction_rl.warmstart import parse_difficulty
+    from correction_rl.tools.warmstart import parse_difficulty
 
     p = argparse.ArgumentParser(prog="correction-rl prompts", description="Export task prompts as JSONL.")
     p.add_argument("--task", nargs="+", default=["addition"])

@@ -23,7 +23,7 @@ def cli(argv: list[str]) -> int:
 
     from correction_rl.config import load_config
     from correction_rl.train import run_training
-    from correction_rl.warmstart import WarmStartConfig, warm_start
+    from correction_rl.tools.warmstart import WarmStartConfig, warm_start
 
     cfg = load_config(args.config, overrides)
     policy = Path(cfg.model.path)

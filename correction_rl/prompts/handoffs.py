@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Sequence
 
-from correction_rl.prompt_stream import with_replay
+from correction_rl.prompts.stream import with_replay
 
 BatchKey = tuple[int, int]
 """(rollout worker id, that worker's sampling-call count after the batch): unique per batch."""

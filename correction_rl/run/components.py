@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from correction_rl.config import BufferConfig, RunConfig, to_dict
-from correction_rl.metrics import JsonlSink, MetricSink, MultiSink, WandbSink
+from correction_rl.observe.metrics import JsonlSink, MetricSink, MultiSink, WandbSink
 from correction_rl.rollout.base import Generator
 from correction_rl.tasks.registry import make_prompts
 from correction_rl.teachers.base import Teacher
@@ -29,7 +29,7 @@ def load_prompts(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
     per_task = min(task.num_eval, cfg.eval.num_prompts)
     held_out = make_prompts(task.names, task.difficulty, per_task, "eval", cfg.seed)
     if task.prompts_file:
-        from correction_rl.data import load_prompts as read_jsonl
+        from correction_rl.prompts.files import load_prompts as read_jsonl
 
         return read_jsonl(task.prompts_file), held_out
     return make_prompts(task.names, task.difficulty, task.num_train, "train", cfg.seed), held_out
@@ -165,7 +165,7 @@ def build_eval_teacher(cfg: RunConfig) -> Teacher:
 def build_sink(cfg: RunConfig, run_dir: Path, extra_config: dict[str, Any] | None = None,
                resume_id: str | None = None) -> MetricSink:
     """``resume_id``: the W&B run id to continue (a resumed run, docs/reliability.md)."""
-    from correction_rl.progress import ProgressSink  # live bar on a terminal, lines otherwise
+    from correction_rl.observe.progress import ProgressSink  # live bar on a terminal, lines otherwise
 
     sinks: list[MetricSink] = [
         ProgressSink(cfg.total_steps, cfg.metrics.console_every_steps, mode=cfg.metrics.progress),

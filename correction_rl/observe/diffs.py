@@ -33,7 +33,7 @@ from correction_rl.types import CorrectionPair
 
 if TYPE_CHECKING:
     from correction_rl.config import RunConfig
-    from correction_rl.metrics import MetricSink
+    from correction_rl.observe.metrics import MetricSink
 
 Op = Literal["equal", "delete", "insert"]
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from correction_rl.diffs import TokenRenderer, diff_segments, pair_text, segments_html
+from correction_rl.observe.diffs import TokenRenderer, diff_segments, pair_text, segments_html
 from correction_rl.types import CorrectionPair
 
 Series = tuple[list[float], list[float]]
@@ -80,8 +80,8 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory. ``metrics.jsonl`` is required (raises ``FileNotFoundError`` naming
     it); the other files are optional and their absence is recorded in ``notes``."""
-    from correction_rl.correction_log import read as read_log
-    from correction_rl.metrics import read_jsonl_metrics
+    from correction_rl.buffer.correction_log import read as read_log
+    from correction_rl.observe.metrics import read_jsonl_metrics
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from correction_rl.buffer import ReplayBuffer
-from correction_rl.components import (
+from correction_rl.buffer.replay import ReplayBuffer
+from correction_rl.run.components import (
     buffer_config,
     build_eval_teacher,
     build_generator,
@@ -34,18 +34,18 @@ from correction_rl.components import (
     load_prompts,
     rollout_sampling,
 )
-from correction_rl.checkpoint import Checkpoint, CheckpointError, check_compatible, latest_valid, save_checkpoint
+from correction_rl.run.checkpoint import Checkpoint, CheckpointError, check_compatible, latest_valid, save_checkpoint
 from correction_rl.config import RunConfig, dump_config, to_dict
-from correction_rl.correction_log import CorrectionLog
-from correction_rl.diffs import maybe_log_corrections
-from correction_rl.evaluation import EvalMetrics, EvalReport, evaluate
-from correction_rl.learner import Learner
-from correction_rl.metrics import MetricSink
+from correction_rl.buffer.correction_log import CorrectionLog
+from correction_rl.observe.diffs import maybe_log_corrections
+from correction_rl.run.evaluation import EvalMetrics, EvalReport, evaluate
+from correction_rl.learner.learner import Learner
+from correction_rl.observe.metrics import MetricSink
 from correction_rl.models import load_model, load_tokenizer
-from correction_rl.pairs import make_pairs, rollout_pair_id
-from correction_rl.prompt_stream import PromptStream
+from correction_rl.pairs.make import make_pairs, rollout_pair_id
+from correction_rl.prompts.stream import PromptStream
 from correction_rl.rollout.base import Generator
-from correction_rl.sync import InProcessSync, SyncReport, flatten_to_buckets
+from correction_rl.weights.sync import InProcessSync, SyncReport, flatten_to_buckets
 from correction_rl.teachers.base import Teacher
 from correction_rl.types import Prompt
 

@@ -166,7 +166,7 @@ def score_responses(model, tokenizer, rollouts: Sequence[Rollout], batch_size: i
     """
     import torch
 
-    from correction_rl.logprobs import sequence_logprobs
+    from correction_rl.learner.logprobs import sequence_logprobs
 
     out: list[float] = []
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -245,12 +245,12 @@ def evaluate(
 
 def cli(argv: list[str]) -> int:
     """``correction-rl eval --model DIR [--task addition ...] [--init-model DIR] [--json OUT]``"""
-    from correction_rl.data import load_prompts
+    from correction_rl.prompts.files import load_prompts
     from correction_rl.models import load_model, load_tokenizer
     from correction_rl.rollout.hf import HFGenerator
     from correction_rl.tasks import make_prompts
     from correction_rl.teachers.oracle import OracleTeacher
-    from correction_rl.warmstart import parse_difficulty
+    from correction_rl.tools.warmstart import parse_difficulty
 
     p = argparse.ArgumentParser(prog="correction-rl eval", description="Held-out evaluation with the oracle teacher.")
     p.add_argument("--model", required=True, help="HF directory of the policy")

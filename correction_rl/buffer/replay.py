@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from correction_rl.config import BufferConfig
-from correction_rl.correction_log import CorrectionLog, read
+from correction_rl.buffer.correction_log import CorrectionLog, read
 from correction_rl.types import CorrectionPair
 
 STATE_FORMAT = 1

@@ -1,0 +1,1 @@
+"""Commands around training: the supervised warm start of an imperfect policy and the README's demo."""
