@@ -1,6 +1,7 @@
 """Offline tiny models: deterministic, the right sizes, a tokenizer covering the tasks' alphabet,
 a standard HF directory. (vLLM loading the same directory and agreeing with HF greedy decoding is
-tests/test_rollout_vllm.py::test_untrained_engine_matches_hf_greedy_and_logprobs.)"""
+tests/test_rollout_vllm.py::test_untrained_engine_matches_hf_greedy_and_logprobs; the BPE / chat /
+Qwen2 members of the family are tests/test_bpe_models.py.)"""
 
 from __future__ import annotations
 
