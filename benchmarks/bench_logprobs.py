@@ -1,8 +1,9 @@
 """Peak memory and time of sequence log-probs, forward + backward: chunked kernel vs naive.
 
 Run from the repo root: ``python benchmarks/bench_logprobs.py [--quick] [--repeats N]
-[--vocab 32000 128000]``. Prints one JSON line per vocabulary size (batch 8, sequence 1024,
-fp32 logits, CPU).
+[--vocab 32000 128000] [--device cpu|cuda]``. Prints one JSON line per vocabulary size (CPU:
+batch 8, sequence 1024, fp32 logits; CUDA: see ``_logprobs_cuda.py``, batch 4, sequence
+4096, vocabulary 151,936, bf16 logits, every variant side by side incl. the Triton kernel).
 
 Variants (``correction_rl.learner.logprobs``):
 
@@ -36,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _logprobs_cuda import add_cuda_arguments, run_cuda  # noqa: E402
+
 VARIANTS = ("naive", "chunked", "chunked_out_of_place")
 
 
@@ -140,13 +144,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 2, sequence 256")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, nargs="+", help="default 32000 128000 (cpu), 151936 (cuda)")
+    parser.add_argument("--batch", type=int, help="default 8 (cpu), 4 (cuda)")
+    parser.add_argument("--seq", type=int, help="default 1024 (cpu), 4096 (cuda)")
     parser.add_argument("--chunk", type=int, default=256, help="objective.logprob_chunk_size")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    add_cuda_arguments(parser)
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.vocab = args.vocab or ([151_936] if cuda else [32000, 128000])
+    args.batch = args.batch or (4 if cuda else 8)
+    args.seq = args.seq or (4096 if cuda else 1024)
+    if cuda:
+        run_cuda(args)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.vocab[0], args.chunk, args.threads)))
         return

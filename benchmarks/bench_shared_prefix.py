@@ -15,6 +15,11 @@ printed too (``wall_time_ratio*``).
 * ``time_ratio``: forced shared-prefix forward (``shared_prefix: on``) / naive (``off``);
 * ``time_ratio_auto``: what the learner does under ``shared_prefix: auto`` / naive;
 * ``cost_ratio_estimate``: the padded-token estimate the ``auto`` rule thresholds.
+
+``--device cuda`` (default model ``0.5b``, a locally built random Llama of ~0.47B parameters from
+``_common.LLAMA_SHAPES``, bf16, 16 pairs of 64 + 448 tokens): times are synchronised wall seconds
+(``time_ratio*`` are then wall ratios; the CPU-seconds fields are left out) and each mode adds
+its CUDA peak memory beyond the model (``{off,on,auto}_peak_gb``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from correction_rl.models import build_model  # noqa: E402
 from correction_rl.learner.objectives import correction_loss  # noqa: E402
 from correction_rl.learner.shared_prefix import score_pairs, shared_prefix_cost_ratio, use_shared_prefix  # noqa: E402
 from correction_rl.types import CorrectionPair  # noqa: E402
+from _common import (LLAMA_SHAPES, add_device_argument, build_llama, check_device,  # noqa: E402
+                     cuda_peak_bytes, device_info, sync)
 
 
 def make_pairs(num_pairs: int, prompt: int, response: int, fraction: float, vocab: int, seed: int):
@@ -54,14 +61,35 @@ def make_pairs(num_pairs: int, prompt: int, response: int, fraction: float, voca
     return pairs
 
 
-def step_seconds(model, batch, cfg: ObjectiveConfig) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one forward + loss + backward."""
+def step_seconds(model, batch, cfg: ObjectiveConfig, device: str = "cpu") -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one forward + loss + backward (synchronised on CUDA)."""
     model.zero_grad(set_to_none=True)
+    sync(device)
     cpu, wall = time.process_time(), time.perf_counter()
     scores = score_pairs(model, batch, cfg)
     out = correction_loss(scores, None, None, cfg, batch.noop)
     out.loss.backward()
+    sync(device)
     return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def build(args):
+    """The model under test: the project's char-level sizes on CPU, a ~0.5B/1B Llama on CUDA."""
+    if args.device == "cuda":
+        import torch as _torch
+
+        size = args.size or "0.5b"
+        model = build_llama(size, "cuda").to(_torch.bfloat16) if size in LLAMA_SHAPES else build_model(size).cuda()
+        return size, model
+    size = args.size or ("tiny" if args.quick else "small")
+    return size, build_model(size)
+
+
+def to_device(batch, device: str):
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.Tensor):
+            setattr(batch, name, value.to(device))
+    return batch
 
 
 def main() -> None:
@@ -73,32 +101,49 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=240)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5, 0.9])
+    parser.add_argument("--size", help="tiny|base|small (cpu default small; tiny with --quick); 0.5b|1b (cuda default 0.5b)")
+    add_device_argument(parser)
     args = parser.parse_args()
+    check_device(args.device)
+    cuda = args.device == "cuda"
     torch.set_num_threads(args.threads)
-    size = "tiny" if args.quick else "small"
+    if cuda and "--pairs" not in sys.argv[1:]:
+        args.pairs, args.prompt, args.response = 16, 64, 448
     if args.quick:
         args.repeats, args.pairs, args.response = min(args.repeats, 3), 4, min(args.response, 48)
     torch.manual_seed(0)
-    model = build_model(size)
+    size, model = build(args)
     model.train()
     vocab = model.config.vocab_size
     for fraction in args.fractions:
         pairs = make_pairs(args.pairs, args.prompt, args.response, fraction, vocab, seed=1)
         batch, _ = collate_pairs(pairs, pad_id=0, max_seq_len=args.prompt + args.response, truncation="drop")
+        batch = to_device(batch, args.device)
         cfgs = {mode: ObjectiveConfig(form="logistic", shared_prefix=mode) for mode in ("off", "on", "auto")}
         for cfg in cfgs.values():  # warm-up (allocator, lazy init)
-            step_seconds(model, batch, cfg)
+            step_seconds(model, batch, cfg, args.device)
         times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in cfgs}
         order = list(cfgs)
         for repeat in range(args.repeats):
             for mode in order[repeat % 3 :] + order[: repeat % 3]:  # rotate: no variant always last
-                times[mode].append(step_seconds(model, batch, cfgs[mode]))
-        med = {mode: statistics.median(c for c, _ in t) for mode, t in times.items()}
+                times[mode].append(step_seconds(model, batch, cfgs[mode], args.device))
         wall = {mode: statistics.median(w for _, w in t) for mode, t in times.items()}
+        med = wall if cuda else {mode: statistics.median(c for c, _ in t) for mode, t in times.items()}
+        extra = {}
+        if cuda:
+            for mode, cfg in cfgs.items():
+                model.zero_grad(set_to_none=True)  # the peak beyond model + inputs, grads included
+                peak = cuda_peak_bytes(lambda: step_seconds(model, batch, cfg, "cuda"))
+                extra[f"{mode}_peak_gb"] = round(peak / 1e9, 3)
+                extra[f"{mode}_s"] = round(wall[mode], 4)
+            model.zero_grad(set_to_none=True)
+        cpu_fields = {} if cuda else {"naive_cpu_s": round(med["off"], 4), "shared_cpu_s": round(med["on"], 4),
+                                      "auto_cpu_s": round(med["auto"], 4)}
         print(
             json.dumps(
                 {
                     "bench": "shared_prefix",
+                    **device_info(args.device),
                     "model": size,
                     "shared_fraction": fraction,
                     "time_ratio": round(med["on"] / med["off"], 3),
@@ -107,9 +152,8 @@ def main() -> None:
                     "cost_ratio_estimate": round(shared_prefix_cost_ratio(batch), 3),
                     "wall_time_ratio": round(wall["on"] / wall["off"], 3),
                     "wall_time_ratio_auto": round(wall["auto"] / wall["off"], 3),
-                    "naive_cpu_s": round(med["off"], 4),
-                    "shared_cpu_s": round(med["on"], 4),
-                    "auto_cpu_s": round(med["auto"], 4),
+                    **cpu_fields,
+                    **extra,
                     "repeats": args.repeats,
                     "pairs": args.pairs,
                     "prompt_len": args.prompt,

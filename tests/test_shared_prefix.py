@@ -103,3 +103,28 @@ def test_reference_scoring_under_no_grad_matches(model):
         assert not ref.chosen_logps.requires_grad and live.chosen_logps.requires_grad
         torch.testing.assert_close(ref.chosen_logps, live.chosen_logps.detach())
         torch.testing.assert_close(ref.rejected_logps, live.rejected_logps.detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared_prefix", ["off", "on"])
+def test_on_cuda_the_triton_kernel_scores_pairs_like_the_chunked_one(model, monkeypatch, shared_prefix):
+    """score_pairs picks the Triton log-prob kernel on CUDA by itself; the scores, loss and
+    parameter gradients equal those of the chunked torch kernel (same fp32 maths)."""
+    from correction_rl.learner.logprobs import KERNEL_ENV
+
+    cuda_model = build_model("tiny", seed=3).cuda().train()
+    batch, _ = collate_pairs(PAIRS, pad_id=0, max_seq_len=32, truncation="drop")
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.Tensor):
+            setattr(batch, name, value.cuda())
+    cfg = ObjectiveConfig(form="dpo", shared_prefix=shared_prefix)
+    results = {}
+    for kernel in ("triton", "chunked"):
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        results[kernel] = run(cuda_model, batch, cfg)
+    (s_t, l_t, g_t), (s_c, l_c, g_c) = results["triton"], results["chunked"]
+    torch.testing.assert_close(s_t.chosen_logps, s_c.chosen_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s_t.rejected_logps, s_c.rejected_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(l_t, l_c, rtol=1e-5, atol=1e-5)
+    for name in g_c:
+        torch.testing.assert_close(g_t[name], g_c[name], rtol=1e-4, atol=1e-5)

@@ -36,8 +36,13 @@ from correction_rl.types import TrainBatch
 
 AUTO_MAX_COST_RATIO = 0.8
 """``auto`` uses the shared-prefix forward when its padded token count is <= this x naive's."""
+AUTO_MAX_COST_RATIO_CUDA = 0.55
+"""The same bound on CUDA, where the second model call and the KV-cache copy weigh more against
+the saved tokens: on one H200 (0.5B Llama, 16 pairs of 64 + 448 tokens) the shared forward took
+1.28x naive's time at a cost ratio of 0.72 (half the response shared) and 0.93x at 0.54 (90%
+shared) (docs/benchmarks.md, GPU section)."""
 
-__all__ = ["AUTO_MAX_COST_RATIO", "PairScores", "score_pairs", "shared_prefix_cost_ratio", "use_shared_prefix"]
+__all__ = ["AUTO_MAX_COST_RATIO", "AUTO_MAX_COST_RATIO_CUDA", "PairScores", "score_pairs", "shared_prefix_cost_ratio", "use_shared_prefix"]
 
 
 def _lengths(batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +88,8 @@ def use_shared_prefix(model, batch: TrainBatch, cfg: ObjectiveConfig) -> bool:
         return False
     if _gradient_checkpointing(model) and torch.is_grad_enabled():
         return False
-    return shared_prefix_cost_ratio(batch) <= AUTO_MAX_COST_RATIO
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return shared_prefix_cost_ratio(batch) <= (AUTO_MAX_COST_RATIO_CUDA if on_cuda else AUTO_MAX_COST_RATIO)
 
 
 def score_pairs(
