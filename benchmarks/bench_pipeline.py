@@ -34,7 +34,7 @@ from pathlib import Path
 
 import ray
 
-from correction_rl.run.components import load_prompts
+from correction_rl.prompts.split import train_and_held_out
 from correction_rl.config import config_from_dict
 from correction_rl.distributed.cluster import init_ray, start_cluster
 from correction_rl.distributed.driver import Driver
@@ -139,7 +139,7 @@ def main() -> None:
                           "cpus_per_learner_rank": 1},
         })
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        train, held_out = load_prompts(cfg)
+        train, held_out = train_and_held_out(cfg)
         # actors' logs would mix into stdout, which carries only the JSON line
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         init_ray(cfg)  # already initialised: a no-op, kept so the script uses the driver's path

@@ -144,8 +144,9 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
     from correction_rl.config import config_from_dict
     from correction_rl.distributed.actors import RolloutWorker
     from correction_rl.distributed.collective import CollectiveSync
-    from correction_rl.distributed.weights import ObjectStoreSync
+    from correction_rl.distributed.weights import load_on_workers, to_transport
     from correction_rl.tasks import make_prompts
+    from correction_rl.weights.transport import sync
 
     path = make_model(root / f"ray-{size}", size, seed=0)
     learner = load_model(path)
@@ -155,7 +156,6 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
         prompts = make_prompts(["addition"], {}, 4, "train", 0)
         actors = [ray.remote(RolloutWorker).options(num_cpus=1, max_concurrency=4).remote(cfg, i, prompts)
                   for i in range(workers)]
-        sync = ObjectStoreSync(actors, timeout_s=600)
         update = flatten_to_buckets(learner.named_parameters(), 1, bucket_mb * 2**20)
         dst = [torch.empty_like(b).copy_(b) for b in update.buckets]
         coll = None
@@ -166,9 +166,12 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
         for i in range(repeats + 1):
             update.version = 2 * i + 1
             copies.append(raw_copy_seconds(update, dst))
-            reports.append(sync.publish(update))
+            # ObjectStoreSync's delivery half (its export is measured apart, as ``export_s`` above)
+            ref = ray.put(to_transport(update))
+            reports.append(load_on_workers(actors, ref, update.version, update.num_bytes, len(update.buckets),
+                                           timeout_s=600))
             if coll is not None:
-                coll_reports.append(coll.sync(2 * i + 2))  # the first one also builds the group
+                coll_reports.append(sync(coll, 2 * i + 2))  # the first one also builds the group
         sync_s = statistics.median(r.seconds for r in reports[1:])
         copy_s = statistics.median(copies[1:])
         line = {

@@ -47,26 +47,21 @@ def cli(argv: list[str]) -> int:
                         "config.yaml is the base config unless --config is given; docs/reliability.md)")
     args, overrides = parser.parse_known_args(argv)
     config_path = args.config
-    try:
-        if args.ray_address:
-            overrides += ["--resources.ray_address", args.ray_address]
-        if args.resume:
-            config_path = resume_config_path(args.resume, args.config)
-            run_dir = Path(args.resume).resolve()
-            overrides += ["--output_dir", str(run_dir.parent), "--name", run_dir.name,
-                          "--checkpoint.resume", "auto"]
-        cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from correction_rl.run.checkpoint import CheckpointError
-    from correction_rl.run.inprocess import RunInterrupted
+    if args.ray_address:
+        overrides += ["--resources.ray_address", args.ray_address]
+    if args.resume:
+        config_path = resume_config_path(args.resume, args.config)
+        run_dir = Path(args.resume).resolve()
+        overrides += ["--output_dir", str(run_dir.parent), "--name", run_dir.name,
+                      "--checkpoint.resume", "auto"]
+    cfg = load_config(config_path, overrides, check_paths=True)
+    from correction_rl.run.lifecycle import RunInterrupted
 
+    # Expected failures (a bad setting, a run directory in use, no restorable checkpoint, a
+    # buffer that never fills) derive from ``errors.UserError``: correction_rl/cli.py reports
+    # them as one line with exit code 2, as for every command.
     try:
         result = run_training(cfg)
-    except (CheckpointError, ConfigError) as exc:  # ConfigError: settings refused before the run starts
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except RunInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 128 + (15 if exc.signame == "SIGTERM" else 2)

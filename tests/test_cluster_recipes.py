@@ -231,7 +231,7 @@ def test_example_configs_load_and_size_as_documented():
 
     assert gpus(gpu1) == 1.0
     assert gpus(gpu8) == 8 and gpus(gpu8, "teacher") == 2 and gpus(gpu8, "learner") == 4
-    assert gpu8.teacher.kind == "vllm" and gpu8.teacher.model_path != gpu8.model.path
+    assert gpu8.teacher.kind == "vllm" and gpu8.teacher.vllm.model_path != gpu8.model.path
     assert gpu8.learner.zero_stage == 2 and multi.learner.zero_stage == 3 and gpus(multi, "learner") == 8
     assert multi.output_dir.startswith("/mnt/shared")
     assert _pack(_bundles(REPO / "configs" / "gpu_8.yaml"), [{"CPU": 96, "GPU": 8}]) == []
@@ -273,3 +273,41 @@ def test_bundles_carry_the_custom_resource_amount_and_selectors_follow_roles():
     assert bundles[0] == {"CPU": 1.0, "GPU": 1.0, "learner_node": 1}
     assert bundles[2] == {"CPU": 1.0} and bundles[3] == {"CPU": 0.5}
     assert role_label_selectors(cfg.resources) == [{}, {}, {"pool": "gen"}, {}]
+
+
+# -- pure parts of the driver and the actor records ----------------------------------------------
+
+
+def test_step_plan_syncs_evaluates_and_checkpoints_on_schedule():
+    from correction_rl.config import config_from_dict
+    from correction_rl.distributed.driver import StepPlan
+
+    cfg = config_from_dict({"total_steps": 6, "sync": {"every_steps": 2}, "eval": {"every_steps": 3},
+                            "checkpoint": {"every_steps": 4}})
+    plans = {v: StepPlan.after(cfg, v, stop_requested=False) for v in range(1, 7)}
+    assert [v for v, p in plans.items() if p.sync] == [2, 4, 6]  # and always the last step
+    assert [v for v, p in plans.items() if p.evaluate] == [3]  # the final evaluation is the lifecycle's
+    assert [v for v, p in plans.items() if p.checkpoint] == [4]
+    assert [v for v, p in plans.items() if p.engines_needed] == [3, 4, 6]  # no background sync there
+    stop = StepPlan.after(cfg, 1, stop_requested=True)
+    assert stop.stop and stop.checkpoint and not StepPlan.after(cfg, 6, stop_requested=True).stop
+
+
+def test_worker_state_round_trips_through_a_checkpoint_dict():
+    from correction_rl.distributed.records import WorkerState
+
+    state = WorkerState(stream={"epoch": 1, "position": 7, "replay": ["a", "b"], "skip": {"c": 1, "d": 2}},
+                        calls=3, tokens=40)
+    assert WorkerState.from_dict(state.as_dict()) == state and WorkerState.from_dict(None) is None
+    assert WorkerState.from_dict({"stream": {}, "calls": 2}).tokens == 0  # older states had no tokens
+    assert state.prompts_replayed == 2 and state.prompts_skipped == 3
+
+
+def test_the_load_delay_drill_reaches_rollout_actors_only_when_set(monkeypatch):
+    from correction_rl.distributed.actors import DRILL_LOAD_DELAY_ENV
+    from correction_rl.distributed.cluster import _drill_env
+
+    monkeypatch.delenv(DRILL_LOAD_DELAY_ENV, raising=False)
+    assert _drill_env() == {}
+    monkeypatch.setenv(DRILL_LOAD_DELAY_ENV, "40")
+    assert _drill_env() == {"runtime_env": {"env_vars": {DRILL_LOAD_DELAY_ENV: "40"}}}

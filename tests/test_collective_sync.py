@@ -186,7 +186,7 @@ def test_collective_transport_keeps_every_worker_on_the_learner_policy_and_survi
     forever for rank 1 in the gather.)"""
     import ray
 
-    from correction_rl.run.components import load_prompts
+    from correction_rl.prompts.split import train_and_held_out
     from correction_rl.distributed.cluster import start_cluster
     from correction_rl.distributed.collective import CollectiveSync
     from correction_rl.distributed.driver import Driver
@@ -202,7 +202,7 @@ def test_collective_transport_keeps_every_worker_on_the_learner_policy_and_survi
         sync__transport="collective", learner__lr=1e-3, eval__every_steps=0,
         resources__num_learner_ranks=2, resources__num_rollout_workers=2,
     )
-    train, held_out = load_prompts(cfg)
+    train, held_out = train_and_held_out(cfg)
     cluster = start_cluster(cfg, train)
     metrics_path = tmp_path / "metrics.jsonl"
     try:
@@ -257,20 +257,22 @@ def test_collective_transport_keeps_every_worker_on_the_learner_policy_and_survi
 
 
 @pytest.mark.slow
-def test_a_stalled_receiver_raises_sync_timeout_naming_it(tmp_path, ray_local, warm_policy_dir):
-    """The fault drill (``sync.inject_load_delay_s``) on the collective path: the worker sleeps
+def test_a_stalled_receiver_raises_sync_timeout_naming_it(tmp_path, ray_local, warm_policy_dir, monkeypatch):
+    """The fault drill (``CORRECTION_RL_DRILL_LOAD_DELAY_S``) on the collective path: the worker sleeps
     inside its receive while holding its lock, so learner rank 0's broadcast cannot finish; the
     driver raises ``SyncTimeout`` after ``sync.timeout_s``, naming the pending members, instead of
     hanging."""
-    from correction_rl.run.components import load_prompts
+    from correction_rl.prompts.split import train_and_held_out
     from correction_rl.distributed.cluster import start_cluster
+    from correction_rl.distributed.actors import DRILL_LOAD_DELAY_ENV
     from correction_rl.distributed.driver import Driver
 
     from test_distributed import system_config
 
+    monkeypatch.setenv(DRILL_LOAD_DELAY_ENV, "40")  # handed to the rollout actors by start_cluster
     cfg = system_config(tmp_path, warm_policy_dir, "stall", mode="sync", sync__transport="collective",
-                        sync__timeout_s=8, sync__inject_load_delay_s=40, learner__zero_stage=0)
-    train, held_out = load_prompts(cfg)
+                        sync__timeout_s=8, learner__zero_stage=0)
+    train, held_out = train_and_held_out(cfg)
     cluster = start_cluster(cfg, train)
     try:
         driver = Driver(cfg, cluster, held_out)

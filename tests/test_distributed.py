@@ -83,7 +83,7 @@ def test_two_learner_ranks_in_sync_mode_keep_every_worker_on_the_learner_policy(
 ):
     import ray
 
-    from correction_rl.run.components import load_prompts
+    from correction_rl.prompts.split import train_and_held_out
     from correction_rl.distributed.cluster import start_cluster
     from correction_rl.distributed.driver import Driver
     from correction_rl.observe.metrics import MultiSink
@@ -96,7 +96,7 @@ def test_two_learner_ranks_in_sync_mode_keep_every_worker_on_the_learner_policy(
         resources__num_learner_ranks=2, resources__num_rollout_workers=2,
         learner__lr=1e-3, eval__every_steps=0,
     )
-    train, held_out = load_prompts(cfg)
+    train, held_out = train_and_held_out(cfg)
     cluster = start_cluster(cfg, train)
     try:
         driver = Driver(cfg, cluster, held_out)

@@ -1,6 +1,6 @@
 """Faults in the Ray system (real actors on the shared ``ray_local`` instance):
 
-* a weight sync that hangs (fault drill ``sync.inject_load_delay_s``) stops the run within its
+* a weight sync that hangs (fault drill ``CORRECTION_RL_DRILL_LOAD_DELAY_S``) stops the run within its
   timeout with a readable ``SyncTimeout`` and a checkpoint at the current step, from which a
   resumed run reaches ``total_steps``;
 * a rollout actor and a teacher actor killed by pid mid-run are restarted by Ray, the run
@@ -31,13 +31,15 @@ from test_distributed import system_config
 pytestmark = pytest.mark.slow
 
 
-def test_a_hung_weight_sync_stops_the_run_with_a_checkpoint_then_resumes(tmp_path, ray_local, tiny_model_dir):
+def test_a_hung_weight_sync_stops_the_run_with_a_checkpoint_then_resumes(tmp_path, ray_local, tiny_model_dir,
+                                                                         monkeypatch):
+    from correction_rl.distributed.actors import DRILL_LOAD_DELAY_ENV
     from correction_rl.distributed.driver import run
 
     hang = dict(mode="sync", total_steps=3, eval__every_steps=0, checkpoint__every_steps=0,
-                metrics__wandb_mode="disabled", sync__timeout_s=5, sync__inject_load_delay_s=300,
-                learner__zero_stage=2)
+                metrics__wandb_mode="disabled", sync__timeout_s=5, learner__zero_stage=2)
     cfg = system_config(tmp_path, tiny_model_dir, "hang", **hang)
+    monkeypatch.setenv(DRILL_LOAD_DELAY_ENV, "300")  # the drill hook, handed to the rollout actors
     start = time.monotonic()
     with pytest.raises(SyncTimeout) as err:
         run(cfg)
@@ -52,10 +54,11 @@ def test_a_hung_weight_sync_stops_the_run_with_a_checkpoint_then_resumes(tmp_pat
     ck, rejected = latest_valid(cfg.run_dir)
     assert ck is not None and ck.step == 1 and not rejected
     assert (ck.path / "learner" / "deepspeed" / "state").is_dir()  # DeepSpeed's own checkpoint
-    assert len(ck.state["rollout_workers"]) == 1 and ck.state["buffer"]["learner_version"] == 1
+    assert len(ck.state["streams"]) == 1 and ck.state["buffer"]["learner_version"] == 1
 
     # the checkpoint is usable: the same run, drill off, resumes at step 1 and finishes
-    ok = system_config(tmp_path, tiny_model_dir, "hang", **{**hang, "sync__inject_load_delay_s": 0.0})
+    monkeypatch.delenv(DRILL_LOAD_DELAY_ENV)
+    ok = system_config(tmp_path, tiny_model_dir, "hang", **hang)
     result = run(ok)
     assert result.steps == 3
     rows = [r for r in read_jsonl_metrics(ok.run_dir / "metrics.jsonl") if "train/loss" in r]

@@ -252,10 +252,11 @@ def test_training_run_through_faults_counts_every_failure_and_loses_no_pair(
     server = fault_server(script, hang_s=8.0)
     monkeypatch.setenv("CRL_TEST_TEACHER_KEY", SECRET)
     cfg = _run_config(tmp_path, reverse_policy_dir, "faults", {
-        "kind": "http", "base_url": server.base_url, "model_path": "teacher", "template": "instruct",
-        "api_key_env": "CRL_TEST_TEACHER_KEY", "timeout_s": 3.0, "max_retries": len(script),
-        "max_concurrency": 4, "backoff_base_s": 0.02, "backoff_max_s": 0.1, "breaker_failures": 100,
-        "on_rejection": "retry",
+        "kind": "http", "http": {"base_url": server.base_url, "model": "teacher",
+                                 "api_key_env": "CRL_TEST_TEACHER_KEY"},
+        "template": "instruct", "timeout_s": 3.0, "max_concurrency": 4, "on_rejection": "retry",
+        "retry": {"max_retries": len(script), "backoff_base_s": 0.02, "backoff_max_s": 0.1,
+                  "breaker_failures": 100},
     }, wandb="offline")
     result = run(cfg)
     assert result.steps == 3
@@ -303,7 +304,7 @@ def test_training_run_with_vllm_server_as_http_teacher(tmp_path, vllm_teacher_se
 
     monkeypatch.delenv("CORRECTION_RL_API_KEY", raising=False)
     cfg = _run_config(tmp_path, reverse_policy_dir, "vllm-server", {
-        "kind": "http", "base_url": vllm_teacher_server, "model_path": "teacher", "template": "task_answer",
+        "kind": "http", "http": {"base_url": vllm_teacher_server, "model": "teacher"}, "template": "task_answer",
         "max_new_tokens": 16, "timeout_s": 60.0, "max_concurrency": 8,
     })
     with pytest.warns(UserWarning, match="CORRECTION_RL_API_KEY"):
@@ -333,8 +334,8 @@ def test_teacher_worker_reports_the_teachers_metrics(fault_server, monkeypatch, 
     monkeypatch.setenv("CRL_TEST_TEACHER_KEY", SECRET)
     cfg = config_from_dict({
         "model": {"path": str(tiny_model_dir)}, "objective": {"form": "logistic"},
-        "teacher": {"kind": "http", "base_url": server.base_url, "model_path": "teacher",
-                    "api_key_env": "CRL_TEST_TEACHER_KEY", "max_concurrency": 1, "backoff_base_s": 0.01},
+        "teacher": {"kind": "http", "max_concurrency": 1, "retry": {"backoff_base_s": 0.01},
+                    "http": {"base_url": server.base_url, "model": "teacher", "api_key_env": "CRL_TEST_TEACHER_KEY"}},
     })
     worker = TeacherWorker(cfg, worker_id=0)
     try:

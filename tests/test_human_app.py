@@ -96,6 +96,34 @@ def test_two_annotators_get_different_items_and_an_expired_lease_is_stored_once(
     assert queue.get(a["item_id"]).corrected == "10" and queue.counts()["done"] == 2
 
 
+def test_a_double_clicked_submit_is_answered_already_saved(app_server):
+    """Two identical submits of one item by the annotator who holds it (a double click; here
+    sent at the same moment): one stores, the other is told it is already saved (200), not
+    that the lease went to someone else. A different text afterwards is refused (409) and the
+    saved one kept; bob, who never held it, still gets the lease error."""
+    queue, server = app_server
+    (item_id,) = queue.enqueue(rollouts(["1"]))
+    body = {"item_id": item_id, "corrected_text": "2"}
+    with httpx.Client(base_url=server.url) as c:
+        assert c.post("/api/next", json={}, headers=auth(ALICE, **POST)).json()["item"]["item_id"] == item_id
+        answers: list = []
+        clicks = [threading.Thread(target=lambda: answers.append(
+            c.post("/api/submit", json=body, headers=auth(ALICE, **POST)))) for _ in range(2)]
+        for t in clicks:
+            t.start()
+        for t in clicks:
+            t.join(20)
+        assert sorted(r.status_code for r in answers) == [200, 200]
+        assert sorted(bool(r.json().get("already_saved")) for r in answers) == [False, True]
+        assert all(r.json()["saved"] is True and r.json()["item_id"] == item_id for r in answers)
+        assert [r.json()["progress"]["done_by_you"] for r in answers] == [1, 1]
+        changed = c.post("/api/submit", json={**body, "corrected_text": "3"}, headers=auth(ALICE, **POST))
+        assert changed.status_code == 409 and "already saved by 'alice'" in changed.json()["error"]
+        other = c.post("/api/submit", json=body, headers=auth(BOB, **POST))
+        assert other.status_code == 409 and "not leased to 'bob'" in other.json()["error"]
+    assert queue.get(item_id).corrected == "2" and queue.counts()["done"] == 1
+
+
 def test_model_text_is_never_served_as_html(app_server):
     queue, server = app_server
     queue.enqueue(rollouts([EVIL]))
@@ -419,8 +447,8 @@ def test_training_run_learns_from_corrections_made_through_the_web_app(tmp_path,
         "model": {"path": str(warm_policy_dir)},
         "task": {"names": ["addition"], "num_train": 200, "num_eval": 8},
         "rollout": {"engine": "hf", "batch_size": 8, "max_new_tokens": 6},
-        "teacher": {"kind": "human", "human_port": port, "human_tokens_env": "CRL_TEST_HUMAN_TOKENS",
-                    "human_wait_s": 120, "human_lease_s": 30},
+        "teacher": {"kind": "human", "human": {"port": port, "tokens_env": "CRL_TEST_HUMAN_TOKENS",
+                                               "wait_s": 120, "lease_s": 30}},
         "objective": {"form": "dpo", "beta": 0.1},
         "learner": {"backend": "torch", "lr": 1e-4, "micro_batch_pairs": 8},
         "buffer": {"min_fresh_pairs": 4, "max_staleness": 1},
@@ -474,7 +502,7 @@ def test_ray_modes_refuse_a_human_wait_longer_than_the_actor_call_timeout(tmp_pa
     from correction_rl.distributed.driver import check_settings
 
     cfg = config_from_dict({"output_dir": str(tmp_path), "mode": "async", "model": {"path": str(tiny_model_dir)},
-                            "teacher": {"kind": "human", "human_wait_s": 600},
+                            "teacher": {"kind": "human", "human": {"wait_s": 600}},
                             "resources": {"call_timeout_s": 300}})
-    with pytest.raises(ValueError, match=r"human_wait_s=600 must be < resources.call_timeout_s=300"):
+    with pytest.raises(ValueError, match=r"human.wait_s=600 must be < resources.call_timeout_s=300"):
         check_settings(cfg)

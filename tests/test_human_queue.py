@@ -4,13 +4,22 @@ exactly-once saves, durability across a reopen, and import errors that name file
 from __future__ import annotations
 
 import json
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from correction_rl.teachers.human.offline import CorrectionImportError, export_pending, import_corrections
-from correction_rl.teachers.human.queue import CorrectionQueue, QueueError
+from correction_rl.teachers.human.offline import (
+    CorrectionImportError,
+    export_pending,
+    import_corrections,
+    read_import,
+    store_import,
+)
+from correction_rl.teachers.human.queue import AlreadySaved, CorrectionQueue, QueueError
 from correction_rl.teachers.human.teacher import HumanTeacher
 from correction_rl.types import Prompt, Rollout
 
@@ -215,3 +224,88 @@ def test_import_names_file_and_line_of_every_bad_line_and_stores_nothing(tmp_pat
     assert "not in the queue" in errors[2] and "already done" in errors[3]
     assert "unknown field(s) ['corected']" in errors[4] and "already corrected on line 1" in errors[5]
     assert q.get(good).state == "pending"  # nothing stored
+
+
+def test_an_item_cancelled_between_validation_and_storing_fails_the_whole_import(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    first, second = q.enqueue(rollouts(["1", "2"]))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"item_id": first, "corrected": "0"}) + "\n"
+                       + json.dumps({"item_id": second, "corrected": "2"}) + "\n")
+    rows = read_import(q, answers)  # the whole file is valid ...
+    assert len(rows) == 2
+    assert q.cancel([second]) == 1  # ... then the teacher stops waiting for the second item
+    with pytest.raises(CorrectionImportError) as err:
+        store_import(q, answers, rows)
+    assert err.value.errors == [f"{answers}:2: item {second!r} is now cancelled (changed while the file was validated)"]
+    assert q.counts() == {"pending": 1, "leased": 0, "done": 0, "cancelled": 1}  # nothing stored
+    assert q.get(first).corrected is None
+
+
+def test_the_same_annotator_saving_twice_is_already_saved_not_a_lost_lease(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    (item_id,) = q.enqueue(rollouts(["1"]))
+    q.lease("alice")
+    saved = q.complete(item_id, "alice", "2")
+    with pytest.raises(AlreadySaved) as again:  # a double-clicked Submit
+        q.complete(item_id, "alice", "2")
+    assert again.value.same_text and again.value.item.done_at == saved.done_at
+    with pytest.raises(AlreadySaved, match="a saved correction is final") as changed:
+        q.complete(item_id, "alice", "3")
+    assert not changed.value.same_text and q.get(item_id).corrected == "2"
+    with pytest.raises(QueueError, match="not leased to 'bob'") as other:
+        q.complete(item_id, "bob", "2")  # someone else: still the lease error
+    assert not isinstance(other.value, AlreadySaved)
+
+
+def _offline(tmp_path, *args: str, module: str = "correction_rl.cli") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module] + (["human-queue"] if module == "correction_rl.cli" else [])
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_offline_import_of_a_missing_file_is_one_error_line(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    q.close()
+    line = _one_error_line(_offline(tmp_path, "import", "missing.jsonl", "--db", "q.sqlite"))
+    assert line == "error: missing.jsonl: No such file or directory"
+
+
+def test_offline_import_of_bytes_that_are_not_utf8_names_the_line(tmp_path):
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    (item_id,) = q.enqueue(rollouts(["1"]))
+    q.close()
+    (tmp_path / "answers.jsonl").write_bytes(
+        json.dumps({"item_id": item_id, "corrected": "2"}).encode() + b"\n"
+        + b'{"item_id": "x", "corrected": "caf\xe9"}\n')  # Latin-1, as a spreadsheet may save it
+    proc = _offline(tmp_path, "import", "answers.jsonl", "--db", "q.sqlite")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: answers.jsonl: 1 invalid line(s), nothing stored:",
+        "  answers.jsonl:2: not UTF-8 text (byte 0xe9 at column 35); save the file as UTF-8"]
+    assert CorrectionQueue(tmp_path / "q.sqlite").counts()["done"] == 0
+
+
+@pytest.mark.parametrize("module", ["correction_rl.cli", "correction_rl.teachers.human.offline"])
+def test_offline_tool_refuses_a_db_that_is_not_a_queue(tmp_path, module):
+    (tmp_path / "answers.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("not a database, just text\n" * 100)
+    line = _one_error_line(_offline(tmp_path, "import", "answers.jsonl", "--db", "notes.txt", module=module))
+    assert line.startswith("error: notes.txt: not a correction queue (SQLite: file is not a database)")
+    other = tmp_path / "other.sqlite"  # someone else's SQLite file: refused, and left as it was
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    before = other.read_bytes()
+    line = _one_error_line(_offline(tmp_path, "export", "out.jsonl", "--db", "other.sqlite", module=module))
+    assert line == "error: other.sqlite: an SQLite file, but not a correction queue (no items table)"
+    assert other.read_bytes() == before and not (tmp_path / "out.jsonl").exists()
+    line = _one_error_line(_offline(tmp_path, "import", "answers.jsonl", "--db", "nope.sqlite", module=module))
+    assert line == "error: nope.sqlite: no such correction queue file"
+    assert not (tmp_path / "nope.sqlite").exists()

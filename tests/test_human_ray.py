@@ -54,8 +54,8 @@ def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, r
         rollout__batch_size=8, buffer__min_fresh_pairs=4, buffer__max_staleness=2,
         learner__backend="torch", learner__micro_batch_pairs=4, checkpoint__every_steps=0,
         metrics__wandb_mode="disabled",
-        teacher__kind="human", teacher__human_port=port, teacher__human_tokens_env=TOKENS_ENV,
-        teacher__human_wait_s=90, teacher__human_lease_s=20,
+        teacher__kind="human", teacher__human__port=port, teacher__human__tokens_env=TOKENS_ENV,
+        teacher__human__wait_s=90, teacher__human__lease_s=20,
         resources__num_teacher_workers=2, resources__call_timeout_s=120, resources__max_actor_restarts=2,
     )
     db = cfg.run_dir / "human_queue.sqlite"

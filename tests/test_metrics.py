@@ -13,7 +13,9 @@ from correction_rl.observe.metrics import (
     JsonlSink,
     MetricSink,
     MultiSink,
+    TornMetricsWarning,
     WandbSink,
+    load_jsonl_metrics,
     read_jsonl_metrics,
     read_offline_run,
     read_offline_runs,
@@ -58,6 +60,60 @@ def test_jsonl_sink_writes_one_strict_json_line_per_call_and_appends(tmp_path):
     assert all(isinstance(r["time"], float) for r in rows)
     for line in path.read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def _killed_mid_write(path, steps=(1, 2)):
+    """The file a run SIGKILLed in the middle of its next ``write`` leaves: complete records,
+    then the first bytes of one more, no newline."""
+    sink = JsonlSink(path)
+    for step in steps:
+        sink.log({"train/loss": 0.5}, step=step)
+    sink.close()
+    torn = json.dumps({"step": steps[-1] + 1, "time": 1.0, "train/loss": 0.25})[:17]
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(torn)
+    return torn
+
+
+def test_a_resumed_run_repairs_a_torn_tail_before_its_first_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    torn = _killed_mid_write(path)
+    with pytest.warns(TornMetricsWarning, match="moved to"):
+        sink = JsonlSink(path)  # the resumed run
+    sink.log({"train/loss": 0.125}, step=3)
+    sink.close()
+    rows = read_jsonl_metrics(path)  # strict: would raise on a glued line
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/loss"] == 0.125
+    assert sink.recovered_partial is not None and sink.recovered_partial.read_text() == torn
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3
+
+
+def test_tail_repair_keeps_a_complete_last_record_and_drops_zero_fill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "time": 1.0}) + "\n" + json.dumps({"step": 2, "time": 2.0}))
+    JsonlSink(path).log({"a/x": 1.0}, step=3)  # the newline-less record is complete: kept
+    assert [r["step"] for r in read_jsonl_metrics(path)] == [1, 2, 3]
+    with open(path, "ab") as fh:
+        fh.write(b"\x00" * 64)  # what some filesystems leave after a crash
+    JsonlSink(path).log({"a/x": 1.0}, step=4)
+    assert [r["step"] for r in read_jsonl_metrics(path)] == [1, 2, 3, 4]
+    assert b"\x00" not in path.read_bytes() and not list(tmp_path.glob("*.partial-*"))
+
+
+def test_reader_skips_and_counts_a_glued_line_and_a_partial_last_line(tmp_path):
+    """A file damaged before the sink repaired tails: a torn line with the next record glued
+    onto it (line 3), and a partial last line. The lenient reader keeps every good record and
+    counts the bad line; the strict one names ``file:line``."""
+    path = tmp_path / "metrics.jsonl"
+    torn = _killed_mid_write(path)
+    with open(path, "a", encoding="utf-8") as fh:  # the old sink appended straight after it
+        fh.write(json.dumps({"step": 3, "time": 3.0}) + "\n" + json.dumps({"step": 4, "time": 4.0}) + "\n")
+        fh.write(torn)
+    with pytest.warns(TornMetricsWarning, match=":5: partial final record"):
+        loaded = load_jsonl_metrics(path)
+    assert [r["step"] for r in loaded.records] == [1, 2, 4] and loaded.bad_lines == [3]
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON metrics record"):
+        read_jsonl_metrics(path)
 
 
 def test_multi_sink_fans_out_and_closes_all(tmp_path):

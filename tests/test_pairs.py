@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from correction_rl.models import build_tokenizer
-from correction_rl.pairs.make import PairError, make_pair, make_pairs, rollout_pair_id, token_edit_distance
+from correction_rl.edits import edit_distance as token_edit_distance
+from correction_rl.pairs.make import PairError, make_pair, make_pairs, rollout_pair_id
 from correction_rl.types import Correction, Prompt, Rollout, make_pair_id
 
 EOS = 2

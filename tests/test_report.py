@@ -172,3 +172,45 @@ def json_model_path(run_dir: Path) -> str:
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["path"]
+
+
+def _glue_a_torn_line(metrics: Path, lineno: int) -> None:
+    """What a run killed mid-write and resumed left before the sink repaired tails: line
+    ``lineno`` cut short, and the resumed run's first record appended straight onto it."""
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[lineno - 1] = lines[lineno - 1][:15] + lines[lineno]
+    del lines[lineno]
+    metrics.write_text("".join(lines))
+
+
+def test_report_skips_and_counts_a_torn_metrics_line(short_run, tmp_path, capsys):
+    from correction_rl.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(short_run, run_dir, ignore=shutil.ignore_patterns("wandb", "report"))
+    total = len(read_jsonl_metrics(run_dir / "metrics.jsonl"))
+    bad = total // 2
+    _glue_a_torn_line(run_dir / "metrics.jsonl", bad)
+    with pytest.raises(ValueError, match=f"metrics.jsonl:{bad}: not a JSON metrics record"):
+        read_jsonl_metrics(run_dir / "metrics.jsonl")  # what the report used to die of
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 1 line(s) that are not a JSON metrics record (line {bad})" in err
+    assert "Traceback" not in err
+    data = load_run(run_dir)
+    assert data.skipped_metric_lines == [bad] and len(data.metrics) == total - 2
+    assert f"(line {bad})" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_report_of_a_run_directory_with_only_a_damaged_metrics_file(tmp_path):
+    """No fixture run: the reader alone, on a file whose middle line is not JSON and whose last
+    line is partial, next to a config.yaml that is not YAML."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [json.dumps({"step": s, "time": float(s), "train/loss": 0.5}) for s in range(1, 5)]
+    (run_dir / "metrics.jsonl").write_text("\n".join([rows[0], rows[1][:9] + rows[2], rows[3], rows[3][:5]]))
+    (run_dir / "config.yaml").write_text("name: [unclosed\n")
+    data = load_run(run_dir)
+    assert [r["step"] for r in data.metrics] == [1, 4] and data.skipped_metric_lines == [2]
+    assert any("partial final record" in n for n in data.notes)
+    assert any(n.startswith("config.yaml: not readable YAML") for n in data.notes) and data.config == {}

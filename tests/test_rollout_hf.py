@@ -129,3 +129,20 @@ def test_adopting_read_only_buckets_then_copying_again(tiny_model_dir, tiny_toke
     assert all(torch.equal(a, b) for a, b in zip(before, frozen))
     assert [r.response_ids for r in engine.generate(_prompts(), GREEDY)] == initial
     assert engine.policy_version == 2
+
+
+def test_the_hf_engine_declares_its_optional_capabilities(tiny_model_dir):
+    """The Ray rollout worker asks for optional engine capabilities with ``isinstance`` against
+    the Protocols of ``rollout/base.py``: HF adopts buckets and is a torch policy; it has no
+    engine process to check and its workers do not join a NCCL group themselves."""
+    from correction_rl.rollout.base import (
+        AdoptsWeights,
+        ChecksHealth,
+        Closeable,
+        ReceivesBroadcast,
+        TorchPolicy,
+    )
+
+    engine = HFGenerator(tiny_model_dir)
+    assert isinstance(engine, AdoptsWeights) and isinstance(engine, TorchPolicy) and isinstance(engine, Closeable)
+    assert not isinstance(engine, ChecksHealth) and not isinstance(engine, ReceivesBroadcast)

@@ -99,19 +99,38 @@ def test_too_long_prompt_is_a_clear_error(vllm_engine):
 
 @pytest.mark.gpu
 def test_nccl_broadcast_into_vllm_matches_the_learner(tiny_model_dir, tiny_tokenizer, learner_model):
-    """GPU only: learner rank 0 broadcasts the buckets into a CUDA vLLM engine over NCCL."""
-    from correction_rl.rollout.vllm import NCCLWeightBroadcaster, VLLMGenerator
+    """GPU only, 2 devices (NCCL refuses two ranks on one): the engine's workers join a NCCL
+    weight group (``join_broadcast``) whose rank 0 is the learner's side (``WeightGroup``, as
+    learner rank 0 holds it under ``sync.transport: collective``); the buckets arrive by broadcast
+    (``receive_broadcast``) and the engine decodes like the learner."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
 
+    from correction_rl.rollout.vllm import VLLMGenerator
+    from correction_rl.weights.group import GroupAddress, WeightGroup, WeightLayout
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL refuses two ranks on one device; needs 2 GPUs")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     engine = VLLMGenerator(tiny_model_dir, max_model_len=256, gpu_memory_utilization=0.2)
     try:
-        sync = NCCLWeightBroadcaster([engine], timeout_s=120)
-        model = learner_model.cuda()
+        model = learner_model.to("cuda:1")
         update = flatten_to_buckets(model.named_parameters(), version=1, bucket_bytes=128 * 1024)
-        report = sync.publish(update)
-        assert report.version == 1 and engine.policy_version == 1
-        want = HFGenerator(model, tiny_tokenizer, device="cuda").generate(_prompts(), GREEDY)
+        address = GroupAddress("127.0.0.1", port, 1 + engine.num_workers, "nccl", generation=1)
+        with ThreadPoolExecutor(1) as pool:  # both ends must run at once
+            joined = pool.submit(engine.join_broadcast, address.host, port, 1, address.world_size, 120.0)
+            group = WeightGroup.join(address, 0, timeout_s=120.0, device="cuda:1")
+            joined.result(timeout=120)
+            received = pool.submit(engine.receive_broadcast, WeightLayout.of(update).describe(1))
+            group.send(update, timeout_s=120.0)
+            received.result(timeout=120)
+        assert engine.policy_version == 1
+        want = HFGenerator(model, tiny_tokenizer, device="cuda:1").generate(_prompts(), GREEDY)
         got = engine.generate(_prompts(), GREEDY)
         assert [r.response_ids for r in got] == [r.response_ids for r in want]
-        sync.close()
+        engine.leave_broadcast()
+        group.close()
     finally:
         engine.close()

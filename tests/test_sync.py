@@ -14,12 +14,12 @@ from correction_rl.weights.sync import (
     InProcessSync,
     StaleWeightsError,
     SyncTimeout,
-    WeightSync,
     flatten_to_buckets,
     num_messages,
     unflatten,
 )
 from correction_rl.types import WeightUpdate
+from correction_rl.weights.transport import DoneSync, WeightTransport, sync as run_sync
 
 
 def _named(count: int, numel: int, dtype=torch.float32) -> list[tuple[str, torch.Tensor]]:
@@ -90,7 +90,7 @@ def test_hf_generator_rejects_version_regression_and_partial_updates(tiny_model_
 def test_in_process_sync_copies_the_weights_and_reports(tiny_model_dir, learner_weights):
     gens = [HFGenerator(tiny_model_dir), HFGenerator(tiny_model_dir)]
     sync = InProcessSync(gens, timeout_s=30)
-    assert isinstance(sync, WeightSync)
+    assert isinstance(sync, WeightTransport) and not sync.overlaps_training
     update = flatten_to_buckets(learner_weights.items(), version=1, bucket_bytes=256 * 1024)
     report = sync.publish(update)
     assert report.version == 1 and report.num_targets == 2
@@ -102,6 +102,35 @@ def test_in_process_sync_copies_the_weights_and_reports(tiny_model_dir, learner_
         for name, p in gen.model.named_parameters():
             assert torch.equal(p, learner_weights[name]), name
     assert set(report.as_metrics()) >= {"sync/seconds", "sync/gb_per_s", "sync/num_messages"}
+
+
+class _Source:
+    """A learner stand-in for the export: the same ``named_weights`` a ``Learner`` has."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def named_weights(self):
+        return iter(self.weights.items())
+
+
+def test_in_process_transport_exports_inside_start(tiny_model_dir, learner_weights):
+    """``start(v)`` flattens the source's weights itself and every generator serves v after it."""
+    gens = [HFGenerator(tiny_model_dir), HFGenerator(tiny_model_dir)]
+    transport = InProcessSync(gens, timeout_s=30, source=_Source(learner_weights), bucket_bytes=256 * 1024)
+    pending = transport.start(3)
+    assert isinstance(pending, DoneSync) and pending.version == 3
+    report = pending.wait()
+    assert report.version == 3 and report.num_targets == 2
+    assert report.num_bytes == sum(t.numel() * 4 for t in learner_weights.values())
+    for gen in gens:
+        assert gen.policy_version == 3
+        for name, p in gen.model.named_parameters():
+            assert torch.equal(p, learner_weights[name]), name
+    assert run_sync(transport, 4).version == 4
+    transport.close()
+    with pytest.raises(ValueError, match="source"):
+        InProcessSync(gens).start(5)
 
 
 class StalledGenerator(HFGenerator):

@@ -8,7 +8,7 @@ import pytest
 
 from correction_rl.edits import edit_distance
 from correction_rl.models import ALPHABET
-from correction_rl.tasks import TaskError, get_task, make_prompts, task_names
+from correction_rl.tasks import TaskError, get_task, make_prompts, parse_difficulty, task_names
 from correction_rl.types import Prompt
 
 GARBAGE = "\x00<eos>\tµ#@!"
@@ -208,3 +208,14 @@ def test_make_prompts_scopes_knobs():
 
 def test_registry_lists_three_tasks():
     assert task_names() == ["addition", "reverse", "sorting"]
+
+
+def test_parse_difficulty():
+    assert parse_difficulty(["max_digits=2", "addition.min_digits=1"]) == {
+        "max_digits": 2,
+        "addition.min_digits": 1,
+    }
+    with pytest.raises(TaskError, match="expected KNOB=INT, got 'max_digits'"):
+        parse_difficulty(["max_digits"])
+    with pytest.raises(TaskError, match="got 'max_digits=two'"):
+        parse_difficulty(["max_digits=two"])

@@ -184,10 +184,10 @@ def test_config_builds_teacher_settings_and_rejects_unknown_templates(tmp_path):
 
     with pytest.raises(ConfigError, match="teacher.on_rejection"):
         load_config(None, ["--teacher.on_rejection", "sometimes"])
-    cfg = load_config(None, ["--teacher.kind", "http", "--teacher.base_url", "http://127.0.0.1:9/v1",
-                             "--teacher.model_path", "m", "--teacher.template", "nope"])
+    cfg = load_config(None, ["--teacher.kind", "http", "--teacher.http.base_url", "http://127.0.0.1:9/v1",
+                             "--teacher.http.model", "m", "--teacher.template", "nope"])
     with pytest.raises(TemplateError, match="teacher.template: unknown template 'nope'"):
         build_teacher(cfg)
-    cfg = load_config(None, ["--teacher.kind", "http", "--teacher.model_path", "m"])
-    with pytest.raises(ValueError, match="teacher.base_url is required"):
+    cfg = load_config(None, ["--teacher.kind", "http", "--teacher.http.model", "m"])
+    with pytest.raises(ValueError, match="teacher.http.base_url is required"):
         build_teacher(cfg)

@@ -8,14 +8,13 @@ import pytest
 
 from correction_rl.models import load_model, load_tokenizer, vocab
 from correction_rl.rollout.hf import HFGenerator
-from correction_rl.tasks import TaskError, get_task
+from correction_rl.tasks import get_task
 from correction_rl.types import Prompt
 from correction_rl.tools.warmstart import (
     WarmStartConfig,
     _batch,
     cli,
     greedy_accuracy,
-    parse_difficulty,
     train,
     warm_start,
 )
@@ -29,17 +28,6 @@ def test_batch_labels_cover_answer_and_eos_only():
     assert mask.tolist()[0] == [1] * 7 + [0, 0, 0]
     assert labels.tolist()[0] == [-100] * 5 + [table["2"], 2, -100, -100, -100]
     assert labels.tolist()[1] == [-100] * 7 + [table["2"], table["0"], 2]
-
-
-def test_parse_difficulty():
-    assert parse_difficulty(["max_digits=2", "addition.min_digits=1"]) == {
-        "max_digits": 2,
-        "addition.min_digits": 1,
-    }
-    with pytest.raises(TaskError, match="expected KNOB=INT, got 'max_digits'"):
-        parse_difficulty(["max_digits"])
-    with pytest.raises(TaskError, match="got 'max_digits=two'"):
-        parse_difficulty(["max_digits=two"])
 
 
 def test_stopping_rules_and_saved_directory(tmp_path):

@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from correction_rl.types import CorrectionPair
+from correction_rl.errors import UserError
 
 FORMAT = "correction-rl/correction-log"
 VERSION = 1
 
 
-class CorrectionLogError(ValueError):
+class CorrectionLogError(ValueError, UserError):
     """A corrupted or foreign correction log; the message names ``file:line``."""
 
 

@@ -28,19 +28,21 @@ import random
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from correction_rl.config import BufferConfig
 from correction_rl.buffer.correction_log import CorrectionLog, read
+from correction_rl.buffer.stats import BufferStats, BufferCounters
 from correction_rl.types import CorrectionPair
+from correction_rl.errors import UserError
 
 STATE_FORMAT = 1
 EVICTION_REASONS = ("stale", "stale_on_arrival", "capacity", "noop")
 
 
-class BufferStateError(ValueError):
+class BufferStateError(ValueError, UserError):
     """A checkpointed buffer state that does not match the durable log it is restored from."""
 
 
@@ -73,93 +75,11 @@ class RestoreResult(AddResult):
     (``PromptStream.account_for_logged``) since their pairs are back in the buffer."""
 
 
-@dataclass(frozen=True)
-class BufferStats:
-    """A snapshot of the buffer for metrics and health checks."""
-
-    size: int
-    admissible: int
-    pending: int
-    """Pairs never sampled yet (what back-pressure counts)."""
-    max_pending: int
-    learner_version: int
-    staleness_hist: dict[int, int]
-    """Pairs in memory by staleness (learner version minus the version of y)."""
-    sampled_staleness_hist: dict[int, int]
-    """All pairs ever sampled, by staleness at sampling time."""
-    added: int
-    duplicates: int
-    sampled: int
-    evicted: dict[str, int]
-    noop_added: int
-    last_batch_staleness_mean: float
-    last_batch_staleness_max: int
-    mean_len_sampled: float
-    """Mean length of y over sampled pairs (compare with ``mean_len_stale``)."""
-    mean_len_stale: float
-    """Mean length of y over pairs evicted as stale: a gap to the above is a length bias."""
-    producer_wait_s: float = 0.0
-    """Total seconds producers spent blocked in ``wait_for_room`` (back-pressure at work)."""
-    learner_wait_s: float = 0.0
-    """Total seconds the learner spent blocked in ``wait_until_ready`` (starved of pairs)."""
-
-    @property
-    def noop_rate(self) -> float:
-        return self.noop_added / self.added if self.added else 0.0
-
-    def as_metrics(self, prefix: str = "buffer/") -> dict[str, float]:
-        out = {
-            "size": self.size, "admissible": self.admissible, "pending": self.pending,
-            "room": max(0, self.max_pending - self.pending), "learner_version": self.learner_version,
-            "added": self.added, "duplicates": self.duplicates, "sampled": self.sampled,
-            "noop_rate": self.noop_rate, "evicted_total": sum(self.evicted.values()),
-            "last_batch_staleness_mean": self.last_batch_staleness_mean,
-            "last_batch_staleness_max": self.last_batch_staleness_max,
-            "mean_len_sampled": self.mean_len_sampled, "mean_len_stale": self.mean_len_stale,
-            "producer_wait_s": self.producer_wait_s, "learner_wait_s": self.learner_wait_s,
-        }
-        n = sum(self.sampled_staleness_hist.values())
-        out["sampled_staleness_mean"] = (
-            sum(k * v for k, v in self.sampled_staleness_hist.items()) / n if n else 0.0
-        )
-        out.update({f"evicted/{k}": v for k, v in self.evicted.items()})
-        out.update({f"staleness/{k}": v for k, v in sorted(self.staleness_hist.items())})
-        return {f"{prefix}{k}": float(v) for k, v in out.items()}
-
-
 @dataclass
 class _Entry:
     pair: CorrectionPair
     seq: int
     uses: int = 0
-
-
-@dataclass
-class _Counters:
-    added: int = 0
-    duplicates: int = 0
-    sampled: int = 0
-    noop_added: int = 0
-    evicted: Counter = field(default_factory=Counter)
-    sampled_staleness: Counter = field(default_factory=Counter)
-    tokens_sampled: int = 0
-    tokens_stale: int = 0
-    producer_wait_s: float = 0.0
-    learner_wait_s: float = 0.0
-    last_batch_staleness: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dict(vars(self))
-        out["evicted"] = dict(self.evicted)
-        out["sampled_staleness"] = {str(k): v for k, v in self.sampled_staleness.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "_Counters":
-        d = dict(d)
-        d["evicted"] = Counter(d.get("evicted", {}))
-        d["sampled_staleness"] = Counter({int(k): v for k, v in d.get("sampled_staleness", {}).items()})
-        return cls(**d)
 
 
 class ReplayBuffer:
@@ -186,7 +106,7 @@ class ReplayBuffer:
         self._seen: set[str] = set()  # dedupe when no log is attached
         self._seq = 0
         self._learner_version = 0
-        self._counters = _Counters()
+        self._counters = BufferCounters()
         self._rng = random.Random(seed)
         self._closed = False
 
@@ -400,7 +320,7 @@ class ReplayBuffer:
         cut = state.get("log_records")
         with self._cond:
             self._entries.clear()
-            self._counters = _Counters.from_dict(state["counters"])
+            self._counters = BufferCounters.from_dict(state["counters"])
             self._learner_version = int(state["learner_version"])
             v, internal, gauss = state["rng"]
             self._rng.setstate((v, tuple(internal), gauss))

@@ -24,11 +24,18 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from correction_rl.config import ResourcesConfig, RunConfig
-from correction_rl.distributed.actors import BufferActor, LearnerRank, RolloutWorker, TeacherWorker
+from correction_rl.distributed.actors import (
+    DRILL_LOAD_DELAY_ENV,
+    BufferActor,
+    LearnerRank,
+    RolloutWorker,
+    TeacherWorker,
+)
 from correction_rl.types import Prompt
+from correction_rl.errors import UserError
 
 
-class PlacementError(RuntimeError):
+class PlacementError(RuntimeError, UserError):
     """The cluster cannot host the requested actors."""
 
 
@@ -54,11 +61,11 @@ def _driver_env_vars(cfg: RunConfig) -> dict[str, str]:
     """Environment every actor gets, minus keys a submitted job's runtime_env already sets:
     Ray refuses to merge a job's and a driver's runtime_env that set the same variable.
 
-    The teacher's secrets (``teacher.api_key_env``, ``teacher.human_tokens_env``) are read by
-    the teacher actors, which on a running cluster do not inherit the driver's environment:
+    The teacher's secrets (``teacher.http.api_key_env``, ``teacher.human.tokens_env``) are read
+    by the teacher actors, which on a running cluster do not inherit the driver's environment:
     they travel with the job when set where ``correction-rl train`` runs."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    for name in (cfg.teacher.api_key_env, cfg.teacher.human_tokens_env):
+    for name in (cfg.teacher.http.api_key_env, cfg.teacher.human.tokens_env):
         if name and os.environ.get(name):
             env[name] = os.environ[name]
     job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by `ray job submit` for the entrypoint
@@ -69,6 +76,13 @@ def _driver_env_vars(cfg: RunConfig) -> dict[str, str]:
             taken = {}
         env = {k: v for k, v in env.items() if k not in taken}
     return env
+
+
+def _drill_env() -> dict[str, Any]:
+    """The fault-drill hook (``CORRECTION_RL_DRILL_LOAD_DELAY_S``, not a config field) travels
+    from the driver's environment to the rollout actors; nothing is added when it is unset."""
+    value = os.environ.get(DRILL_LOAD_DELAY_ENV)
+    return {"runtime_env": {"env_vars": {DRILL_LOAD_DELAY_ENV: value}}} if value else {}
 
 
 ROLES = ("learner", "rollout", "teacher")
@@ -335,9 +349,10 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
         index += 1
     shards = [ray.put(train_prompts[i :: res.num_rollout_workers]) for i in range(res.num_rollout_workers)]
     rollout_workers = []
+    drill = _drill_env()
     for worker_id in range(res.num_rollout_workers):
         actor_cls = ray.remote(RolloutWorker).options(
-            **options(index, max_concurrency=4, max_restarts=res.max_actor_restarts)
+            **options(index, max_concurrency=4, max_restarts=res.max_actor_restarts, **drill)
         )
         rollout_workers.append(actor_cls.remote(cfg, worker_id, shards[worker_id]))
         index += 1

@@ -32,8 +32,9 @@ from typing import Sequence
 import ray
 
 from correction_rl.config import RunConfig
-from correction_rl.weights.sync import SyncReport, SyncTimeout
 from correction_rl.weights.group import Backend, GroupAddress, TransferReport, WeightLayout, choose_transport
+from correction_rl.weights.sync import SyncReport, SyncTimeout
+from correction_rl.weights.transport import DoneSync, WeightTransport
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,14 @@ def _node_address(actor) -> tuple[str, int]:
 
 
 class CollectiveSync:
-    """Driver side of the collective transport (see the module docstring).
+    """Driver side of the collective transport (see the module docstring), a ``WeightTransport``.
 
     ``learners``: every learner rank (rank 0 first), ``workers``: every rollout worker actor.
+    Learner rank 0 takes part in every broadcast, so a sync cannot overlap a learner step:
+    ``start`` finishes the sync and returns a ``DoneSync``.
     """
+
+    overlaps_training = False
 
     def __init__(self, learners: Sequence, workers: Sequence, backend: Backend, timeout_s: float):
         if not learners or not workers:
@@ -138,7 +143,10 @@ class CollectiveSync:
         return time.perf_counter() - start
 
     # -- one sync -------------------------------------------------------------------------------
-    def sync(self, version: int) -> CollectiveSyncReport:
+    def start(self, version: int) -> DoneSync:
+        return DoneSync(self.broadcast(version))
+
+    def broadcast(self, version: int) -> CollectiveSyncReport:
         """Broadcast ``version`` from learner rank 0 into every rollout worker, rebuilding the
         group first when a member lost it; ``SyncTimeout`` past ``timeout_s`` (per stage)."""
         start = time.perf_counter()
@@ -192,7 +200,7 @@ class CollectiveSync:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
-                    cause = getattr(exc, "cause", None)
+                    cause = exc.cause
                     if isinstance(cause, TimeoutError):  # the member's own watchdog fired first
                         raise SyncTimeout(version, f"{stage}: {calls[ref]} reported: {cause}",
                                           self.timeout_s) from exc
@@ -206,7 +214,7 @@ class CollectiveSync:
         self.joined = False
 
 
-def make_weight_sync(cfg: RunConfig, learners: Sequence, workers: Sequence):
+def make_weight_sync(cfg: RunConfig, learners: Sequence, workers: Sequence) -> WeightTransport:
     """The configured transport: ``ObjectStoreSync`` or ``CollectiveSync`` (``sync.transport``,
     ``auto`` resolved by ``choose_transport``); refuses vLLM engines on CPU with ``collective``."""
     from correction_rl.distributed.weights import ObjectStoreSync
@@ -218,7 +226,7 @@ def make_weight_sync(cfg: RunConfig, learners: Sequence, workers: Sequence):
     if transport == "collective":
         assert backend is not None
         return CollectiveSync(learners, workers, backend, cfg.sync.timeout_s)
-    return ObjectStoreSync(workers, cfg.sync.timeout_s)
+    return ObjectStoreSync(learners, workers, cfg.sync.timeout_s)
 
 
 __all__ = ["CollectiveSync", "CollectiveSyncReport", "make_weight_sync"]

@@ -10,12 +10,12 @@ the bookkeeping — the counters logged as ``faults/*``, the pids seen, the pids
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import ray
 
 from correction_rl.config import RunConfig
 from correction_rl.distributed.calls import get_within, while_restarting
+from correction_rl.distributed.records import EngineHealth, WorkerState
 
 
 class ActorHealth:
@@ -29,7 +29,7 @@ class ActorHealth:
         """Restart and replacement counters (``faults/*`` metrics)."""
         self.retired_pids: set[int] = set()
         """Processes Ray replaced (telemetry is collected a step late: it may still name them)."""
-        self.stream_states: dict[int, dict[str, Any]] = {}
+        self.stream_states: dict[int, WorkerState | None] = {}
         """Sync mode: each rollout worker's stream state after the last lockstep round, or from
         the checkpoint a run resumed from (async mode keeps them in the buffer actor's
         hand-off ledger)."""
@@ -99,7 +99,7 @@ class ActorHealth:
             self.count_restarts()
         return replaced
 
-    def replace_unhealthy(self, health: dict[int, dict[str, Any]]) -> int:
+    def replace_unhealthy(self, health: dict[int, EngineHealth]) -> int:
         """Engine health check (``RolloutWorker.health`` by worker index): a worker whose engine
         died or whose current engine call has run past ``resources.engine_stall_timeout_s`` is
         killed, and this waits (bounded) until Ray has restarted it with a new engine;
@@ -107,11 +107,11 @@ class ActorHealth:
         limit = self.cfg.resources.engine_stall_timeout_s
         replaced = 0
         for i, h in health.items():
-            if h["pid"] in self.retired_pids:  # a late answer about a process already replaced
+            if h.pid in self.retired_pids:  # a late answer about a process already replaced
                 continue
-            problem = h["engine_problem"] or (
-                f"its engine call has run {h['busy_for_s']:.0f} s (> resources.engine_stall_timeout_s={limit:.0f})"
-                if h["busy_for_s"] > limit else None)
+            problem = h.problem or (
+                f"its engine call has run {h.busy_for_s:.0f} s (> resources.engine_stall_timeout_s={limit:.0f})"
+                if h.busy_for_s > limit else None)
             if problem is None:
                 continue
             self.count("faults/unhealthy_engines")
@@ -121,7 +121,7 @@ class ActorHealth:
             deadline = time.monotonic() + self.cfg.resources.start_timeout_s
             while True:  # calls fail while the old process dies and the new one starts
                 try:
-                    if get_within(worker.pid.remote(), self.timeout, "rollout worker pid") != h["pid"]:
+                    if get_within(worker.pid.remote(), self.timeout, "rollout worker pid") != h.pid:
                         break
                 except ray.exceptions.RayActorError:  # ActorUnavailableError included
                     pass

@@ -27,8 +27,7 @@ import torch
 from correction_rl.learner.backends import DeepSpeedBackend, TorchBackend, resolve_dtype
 from correction_rl.learner.collate import collate_pairs
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
-from correction_rl.learner.objectives import correction_loss, needs_reference
-from correction_rl.pairs.reference import ReferenceScorer
+from correction_rl.learner.objectives import correction_loss
 from correction_rl.learner.shared_prefix import score_pairs
 from correction_rl.types import CorrectionPair, StepStats, TrainBatch
 
@@ -43,7 +42,9 @@ class LearnerCounters:
 
 
 class Learner:
-    """Owns the policy being trained, its optimizer, and (for pi/pi_ref forms) the reference.
+    """Owns the policy being trained and its optimizer. It holds no reference model: pi_ref's
+    log-probs arrive on the pairs, attached once at ingestion by the one owner of pi_ref
+    (``pairs/ingest.py``), so no learner (rank) carries a policy copy it would never call.
 
     ``version`` is the policy version: it starts at 0 (the weights the rollout engines were
     started with) and increases by one per optimizer step that was applied.
@@ -69,12 +70,6 @@ class Learner:
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
-        # pi_ref is the starting policy: frozen, never synced, used once per pair at ingestion.
-        self.reference = (
-            ReferenceScorer(model, pad_id, objective_cfg, model_cfg, learner_cfg.micro_batch_pairs)
-            if needs_reference(objective_cfg)
-            else None
-        )
         model.train()
         if learner_cfg.backend == "deepspeed":
             self.backend = DeepSpeedBackend(model, learner_cfg, total_steps, self.dtype)
@@ -89,10 +84,6 @@ class Learner:
         return self.backend.module
 
     # ------------------------------------------------------------------------------------------
-    def attach_reference(self, pairs: Sequence[CorrectionPair]) -> list[CorrectionPair]:
-        """Fill ``ref_logps`` once per pair (no-op for reference-free forms)."""
-        return self.reference.attach(pairs) if self.reference is not None else list(pairs)
-
     def _collate(self, pairs: Sequence[CorrectionPair], count_drops: bool = True):
         batch, dropped = collate_pairs(
             pairs, self.pad_id, self.model_cfg.max_seq_len, self.model_cfg.truncation

@@ -76,17 +76,27 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+class TornMetricsWarning(UserWarning):
+    """``metrics.jsonl`` ended in a partial record (a crash mid-write); it was moved aside
+    (sink) or skipped (reader)."""
+
+
 class JsonlSink:
     """One JSON object per ``log`` call: ``{"step", "time", **metrics}``, flushed at once.
 
     Non-finite values (a NaN loss) are written as ``null`` so the file stays strict JSON that
     any tool reads; the step still appears, so the gap is visible. Appends, so a resumed run
-    continues the same file.
+    continues the same file. A run killed mid-write leaves a partial last line; opening the
+    file again repairs that tail first, as the correction log does (``repair_jsonl_tail``), so
+    the resumed run's first record starts on a line of its own instead of being glued onto the
+    torn one.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.recovered_partial: Path | None = repair_jsonl_tail(self.path)
+        """Where a partial tail found at open was moved (None when the file ended cleanly)."""
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -102,18 +112,99 @@ class JsonlSink:
             self._fh.close()
 
 
-def read_jsonl_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records a ``JsonlSink`` wrote (for reports and tests)."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON metrics record ({exc})") from None
+def repair_jsonl_tail(path: Path) -> Path | None:
+    """Make ``path`` end at a line boundary before appending to it.
+
+    A record is one ``write`` of ``json + "\\n"``, so a crash can only leave the last line
+    partial (or a run of zero bytes some filesystems leave after one). A last line that is a
+    complete JSON object merely lacking its newline gets the newline; anything else after the
+    last newline is moved to ``<file>.partial-<ms>`` (kept for inspection) and cut off. Returns
+    where the tail went, or None."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with open(path, "rb") as fh:  # the last MiB holds the last line (records are a few KB)
+        base = max(0, size - (1 << 20))
+        fh.seek(base)
+        data = fh.read()
+        if b"\n" not in data.rstrip(b"\x00") and base > 0:
+            base = 0
+            fh.seek(0)
+            data = fh.read()
+    cut = len(data.rstrip(b"\x00"))
+    end = data.rfind(b"\n", 0, cut) + 1  # 0 when there is no newline at all
+    tail = data[end:cut]
+    cut, end = base + cut, base + end
+    if cut == size and not tail:
+        return None  # ends with a newline: nothing to repair
+    if tail and _complete_record(tail):
+        with open(path, "r+b") as fh:
+            fh.truncate(cut)
+            fh.seek(cut)
+            fh.write(b"\n")
+        return None
+    aside = None
+    if tail.strip():
+        aside = path.with_name(f"{path.name}.partial-{int(time.time() * 1000)}")
+        aside.write_bytes(tail)
+        warnings.warn(f"{path}: partial final record ({len(tail)} bytes, a crash mid-write) moved to {aside}",
+                      TornMetricsWarning, stacklevel=3)
+    os.truncate(path, end)
+    return aside
+
+
+def _complete_record(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+@dataclass
+class MetricsFile:
+    """What ``load_jsonl_metrics`` read: the records, and the lines it could not use."""
+
+    records: list[dict[str, Any]]
+    bad_lines: list[int] = field(default_factory=list)
+    """1-based numbers of lines that are not a JSON object (skipped)."""
+
+
+def load_jsonl_metrics(path: str | Path, strict: bool = False) -> MetricsFile:
+    """The records a ``JsonlSink`` wrote. A partial last line (a crash mid-write, or a write
+    still under way while a test polls the file) is skipped with a ``TornMetricsWarning``.
+    Any other line that is not a JSON object is skipped and counted in ``bad_lines`` (the
+    report says how many), or with ``strict`` raises ``ValueError`` naming ``file:line``."""
+    out = MetricsFile(records=[])
+    with open(path, "rb") as fh:
+        lines = fh.read().split(b"\n")
+    last = len(lines)  # the text after the final newline ("" for a clean file)
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip(b" \t\r\x00"):
+            continue
+        try:
+            record = json.loads(raw)
+            error = None if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            record, error = None, str(exc)
+        if error is None:
+            out.records.append(record)
+        elif lineno == last:
+            warnings.warn(f"{path}:{lineno}: partial final record ({len(raw)} bytes) skipped",
+                          TornMetricsWarning, stacklevel=2)
+        elif strict:
+            raise ValueError(f"{path}:{lineno}: not a JSON metrics record ({error})")
+        else:
+            out.bad_lines.append(lineno)
     return out
+
+
+def read_jsonl_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records a ``JsonlSink`` wrote (for tests: a broken line other than a partial last
+    one raises ``ValueError`` naming ``file:line``)."""
+    return load_jsonl_metrics(path, strict=True).records
 
 
 class MultiSink:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,138 +35,13 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from correction_rl.observe.diffs import TokenRenderer, diff_segments, pair_text, segments_html
+from correction_rl.observe.run_files import RunData, Series, derived_series, load_run, series
 from correction_rl.types import CorrectionPair
 
-Series = tuple[list[float], list[float]]
+__all__ = ["PLOTS", "Report", "RunData", "load_run", "sample_pairs", "series", "derived_series",
+           "write_report", "cli"]
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a run directory
-
-
-@dataclass
-class RunData:
-    """Everything the report reads from a run directory (missing optional files are noted)."""
-
-    run_dir: Path
-    metrics: list[dict[str, Any]]
-    config: dict[str, Any] = field(default_factory=dict)
-    eval_before: dict[str, Any] | None = None
-    eval_after: dict[str, Any] | None = None
-    pairs: list[CorrectionPair] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    """What was missing or unreadable, shown on the page."""
-
-    @property
-    def name(self) -> str:
-        return str(self.config.get("name") or self.run_dir.name)
-
-
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
-    if not path.exists():
-        notes.append(f"{path.name} not found")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        notes.append(f"{path.name}: not valid JSON ({exc})")
-        return None
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory. ``metrics.jsonl`` is required (raises ``FileNotFoundError`` naming
-    it); the other files are optional and their absence is recorded in ``notes``."""
-    from correction_rl.buffer.correction_log import read as read_log
-    from correction_rl.observe.metrics import read_jsonl_metrics
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: not a run directory")
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.exists():
-        raise FileNotFoundError(f"{metrics_path}: no metrics.jsonl, so not a run directory (docs/run_directory.md)")
-    data = RunData(run_dir=run_dir, metrics=read_jsonl_metrics(metrics_path))
-    config_path = run_dir / "config.yaml"
-    if config_path.exists():
-        loaded = yaml.safe_load(config_path.read_text())
-        data.config = loaded if isinstance(loaded, dict) else {}
-    else:
-        data.notes.append("config.yaml not found")
-    data.eval_before = _read_json(run_dir / "eval_before.json", data.notes)
-    data.eval_after = _read_json(run_dir / "eval_after.json", data.notes)
-    log_path = run_dir / "corrections.jsonl"
-    if log_path.exists():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            data.pairs = list(read_log(log_path))
-        data.notes += [f"corrections.jsonl: {w.message}" for w in caught]
-    else:
-        data.notes.append("corrections.jsonl not found")
-    return data
-
-
-def series(rows: Sequence[dict[str, Any]], key: str) -> Series:
-    """(steps, values) of ``key`` over the metric rows that hold a finite value for it."""
-    xs, ys = [], []
-    for row in rows:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            xs.append(float(row["step"]))
-            ys.append(float(value))
-    return xs, ys
-
-
-def derived_series(data: RunData) -> dict[str, Series]:
-    """Series the run does not log directly but its files determine:
-
-    * ``report/pairs_per_s``: learner throughput end to end, ``train/num_pairs`` of each step
-      over the wall time since the previous step's record (everything included: generation,
-      correction, waiting, sync, evaluation);
-    * ``report/rollout_tokens_per_s``: generated tokens per second from the Ray rollout
-      workers' cumulative ``rollout/worker<i>/tokens`` counters (the in-process loop logs
-      ``rollout/tokens_per_s`` itself);
-    * ``report/log_edit_distance``, ``report/log_noop_rate``: mean token edit distance and the
-      fraction of y' == y over the correction log's pairs, grouped by the policy version that
-      produced y — the teacher's view of the training data, in both drivers.
-    """
-    out: dict[str, Series] = {}
-    xs, ys = [], []
-    prev_time = None
-    for row in data.metrics:
-        t = row.get("time")
-        if "train/num_pairs" in row and prev_time is not None and t is not None and t > prev_time:
-            xs.append(float(row["step"]))
-            ys.append(float(row["train/num_pairs"] or 0.0) / (t - prev_time))
-        if t is not None:
-            prev_time = t
-    out["report/pairs_per_s"] = (xs, ys)
-    xs, ys = [], []
-    prev: tuple[float, float] | None = None
-    for row in data.metrics:  # the Ray driver logs cumulative tokens per rollout worker
-        counts = [v for k, v in row.items() if k.startswith("rollout/worker") and k.endswith("/tokens")
-                  and isinstance(v, (int, float))]
-        t = row.get("time")
-        if counts and isinstance(t, (int, float)):
-            if prev is not None and t > prev[0]:
-                xs.append(float(row["step"]))
-                ys.append((sum(counts) - prev[1]) / (t - prev[0]))
-            prev = (t, sum(counts))
-    out["report/rollout_tokens_per_s"] = (xs, ys)
-    by_version: dict[int, list[CorrectionPair]] = {}
-    for pair in data.pairs:
-        by_version.setdefault(pair.policy_version, []).append(pair)
-    versions = sorted(by_version)
-    out["report/log_edit_distance"] = (
-        [float(v) for v in versions],
-        [sum(p.edit_distance for p in by_version[v]) / len(by_version[v]) for v in versions],
-    )
-    out["report/log_noop_rate"] = (
-        [float(v) for v in versions],
-        [sum(p.is_noop for p in by_version[v]) / len(by_version[v]) for v in versions],
-    )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +388,8 @@ class Report:
     plots: list[Path]
     drawn: dict[str, list[str]]
     """Plot file name -> metric keys drawn on it (empty: nothing to plot in this run)."""
+    notes: list[str] = field(default_factory=list)
+    """What was missing or unreadable in the run directory (also shown on the page)."""
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: int = 12,
@@ -533,7 +408,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
     tokenizer, source = find_tokenizer(data, tokenizer_path)
     page = out / "index.html"
     page.write_text(render_page(data, plots, tokenizer, source, samples), encoding="utf-8")
-    return Report(out, page, [p for _, p in plots], drawn)
+    return Report(out, page, [p for _, p in plots], drawn, list(data.notes))
 
 
 def cli(argv: list[str]) -> int:
@@ -549,11 +424,10 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory to decode the log (default: RUN_DIR/policy, else config model.path)")
     a = p.parse_args(argv)
-    try:
-        report = write_report(a.run_dir, a.out, a.samples, a.tokenizer)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = write_report(a.run_dir, a.out, a.samples, a.tokenizer)  # errors: one line, exit 2 (cli.py)
+    for note in report.notes:
+        if note.startswith("metrics.jsonl:"):
+            print(f"warning: {note}", file=sys.stderr)
     for path in report.plots:
         print(f"wrote {path}")
     print(f"wrote {report.page}")

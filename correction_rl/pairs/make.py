@@ -24,7 +24,8 @@ Token conventions (the learner, the buffer and the rollout engines all rely on t
   the rollout's own ids instead of re-tokenizing, so a no-op pair is a no-op token for token even
   with tokenizers whose encoding is not canonical (BPE merges that the sampler did not follow).
 * ``edit_distance`` is the token Levenshtein distance between rejected and chosen ids (eos
-  included), computed with rapidfuzz's C++ implementation on integer lists.
+  included): ``correction_rl.edits.edit_distance`` (rapidfuzz's C++ implementation on integer
+  lists), the same function evaluation uses.
 * ``pair_id`` is ``make_pair_id(prompt_id, response_ids, policy_version)`` of the ROLLOUT (ids
   without eos): a rollout worker can compute it before asking the teacher, which is how a
   resumed run skips rollouts whose correction is already in the durable log.
@@ -34,8 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from rapidfuzz.distance import Levenshtein
-
+from correction_rl.edits import edit_distance
 from correction_rl.types import Correction, CorrectionPair, Rollout, make_pair_id
 
 
@@ -52,11 +52,6 @@ class _Tokenizer(Protocol):  # the subset of a Hugging Face tokenizer used here
 def rollout_pair_id(rollout: Rollout) -> str:
     """The pair id a correction of ``rollout`` will get (stable across runs and restarts)."""
     return make_pair_id(rollout.prompt.prompt_id, list(rollout.response_ids), rollout.policy_version)
-
-
-def token_edit_distance(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance between two token-id sequences (insert/delete/substitute cost 1)."""
-    return int(Levenshtein.distance(a, b))
 
 
 def encode_response(tokenizer: _Tokenizer, text: str) -> list[int]:
@@ -103,7 +98,7 @@ def make_pair(correction: Correction, tokenizer: _Tokenizer, eos_id: int | None 
         chosen_ids=chosen,
         policy_version=rollout.policy_version,
         teacher=correction.teacher,
-        edit_distance=token_edit_distance(rejected, chosen),
+        edit_distance=edit_distance(rejected, chosen),
         prompt_id=rollout.prompt.prompt_id,
     )
 

@@ -3,13 +3,13 @@
 The pi/pi_ref forms (dpo, ipo) need log pi_ref(y'|x) and log pi_ref(y|x). pi_ref is frozen, so
 those numbers never change: computing them at ingestion and caching them on the pair
 (``CorrectionPair.ref_logps``, also written to the durable log) means no learner step ever runs
-the reference model, and a resumed run does not either. In-process the learner owns a scorer; in
-the Ray system each teacher worker does, next to where pairs are made.
+the reference model, and a resumed run does not either. The one owner of a scorer is the ingest
+step (``pairs/ingest.py``), in every mode: in-process in the loop, under Ray in each teacher
+worker, next to where pairs are made. No learner holds one.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -21,6 +21,9 @@ from correction_rl.types import CorrectionPair
 
 
 class ReferenceScorer:
+    """Scores pairs under a frozen model. It takes ownership of ``model`` (no copy is made, so a
+    reference never costs two models): pass one nobody trains, e.g. a fresh ``load_model``."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -29,7 +32,7 @@ class ReferenceScorer:
         model_cfg: ModelConfig,
         batch_pairs: int = 32,
     ):
-        self.model = copy.deepcopy(model).eval()
+        self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.pad_id = pad_id

@@ -1,4 +1,5 @@
-"""Prompt sources: JSONL files of ``Prompt`` records, and prompts generated from a ``TaskConfig``.
+"""Prompt files: JSONL of ``Prompt`` records, read (``read_prompt_file``), written
+(``write_prompt_file``) and exported from the tasks (``correction-rl prompts``).
 
 One JSON object a line with the ``Prompt`` fields (``text`` required; ``prompt_id``, ``task``,
 ``answer``, ``meta`` optional). Generated task prompts can be exported to the same format, so
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Iterable
 
 from correction_rl.types import Prompt
+from correction_rl.errors import UserError
 
 _FIELDS = {"prompt_id": str, "text": str, "task": str, "answer": (str, type(None)), "meta": dict}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(ValueError, UserError):
     """A prompt file problem; the message starts with ``<file>:<line>:``."""
 
 
@@ -45,7 +48,7 @@ def _kind_name(kind) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
+def read_prompt_file(path: str | Path) -> list[Prompt]:
     """All prompts of a JSONL file, in file order; blank lines are allowed.
 
     A record without ``prompt_id`` gets ``<file stem>-<line>``; duplicate ids are an error
@@ -82,8 +85,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def save_prompts(prompts: Iterable[Prompt], path: str | Path) -> Path:
-    """Write one JSON object a line (``load_prompts`` reads it back unchanged)."""
+def write_prompt_file(prompts: Iterable[Prompt], path: str | Path) -> Path:
+    """Write one JSON object a line (``read_prompt_file`` reads it back unchanged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -92,24 +95,10 @@ def save_prompts(prompts: Iterable[Prompt], path: str | Path) -> Path:
     return path
 
 
-def prompts_for(config, split: str, seed: int) -> list[Prompt]:
-    """The prompts a ``TaskConfig`` describes: its ``prompts_file`` if set, otherwise
-    ``num_train`` (split ``train``) or ``num_eval`` (split ``eval``) generated prompts per task.
-
-    A prompts file has no splits: the same prompts serve training and evaluation.
-    """
-    from correction_rl.tasks import make_prompts
-
-    if config.prompts_file:
-        return load_prompts(config.prompts_file)
-    n = config.num_train if split == "train" else config.num_eval
-    return make_prompts(list(config.names), dict(config.difficulty), n, split, seed)  # type: ignore[arg-type]
-
-
 def cli(argv: list[str]) -> int:
-    """``correction-rl prompts --task addition --split eval --num 200 --out FILE``: export."""
-    from correction_rl.tasks import make_prompts
-    from correction_rl.tools.warmstart import parse_difficulty
+    """``correction-rl prompts --task addition --split eval --num 200 --out FILE``: export a
+    task's prompts (to edit them, pin a held-out set, or feed ``task.prompts_file``)."""
+    from correction_rl.tasks import TaskError, make_prompts, parse_difficulty
 
     p = argparse.ArgumentParser(prog="correction-rl prompts", description="Export task prompts as JSONL.")
     p.add_argument("--task", nargs="+", default=["addition"])
@@ -119,6 +108,13 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--difficulty", nargs="*", default=[], metavar="KNOB=INT")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    prompts = make_prompts(a.task, parse_difficulty(a.difficulty), a.num, a.split, a.seed)
-    print(save_prompts(prompts, a.out))
+    if a.num < 1:
+        p.error(f"--num: must be >= 1, got {a.num}")
+    try:
+        prompts = make_prompts(a.task, parse_difficulty(a.difficulty), a.num, a.split, a.seed)
+        out = write_prompt_file(prompts, a.out)
+    except (TaskError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
     return 0

@@ -12,8 +12,10 @@ arguments (tensors do not arrive as tensors), and an in-process engine
 the shared-memory description works for the multiprocess engine, for several tensor-parallel
 workers, and for an in-process engine alike.
 
-Weight path (GPU, learner on another device): ``NCCLWeightBroadcaster`` creates a NCCL group
-between learner rank 0 and every vLLM worker and broadcasts the buckets (see ``vllm_worker``).
+Weight path (GPU, learner on another device; ``sync.transport: collective``): the engine's
+workers join a NCCL weight group whose rank 0 is learner rank 0 (``join_broadcast``) and receive
+the buckets by broadcast (``receive_broadcast``); the group and its sender are built by
+``correction_rl/distributed/collective.py`` and ``correction_rl/weights/group.py``.
 
 Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``, so ``Rollout.logprobs``
 are log-probs of the sampled tokens under the distribution actually sampled from (temperature
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
 import uuid
 import weakref
@@ -34,13 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
-from correction_rl.weights.sync import (
-    SyncReport,
-    SyncTimeout,
-    check_version,
-    num_messages,
-    run_with_timeout,
-)
+from correction_rl.weights.sync import SyncTimeout, check_version, run_with_timeout
 from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
 
 WORKER_EXTENSION = "correction_rl.rollout.vllm_worker.CorrectionRLWorkerExtension"
@@ -203,15 +198,30 @@ class VLLMGenerator:
             "reset_prefix_cache_s": time.perf_counter() - t2,
         }
 
-    def receive_nccl(self, update: WeightUpdate | dict[str, Any]) -> None:
-        """Engine side of the NCCL transport: the workers receive the buckets by broadcast
-        (the learner side, ``NCCLWeightBroadcaster.publish``, sends them concurrently)."""
-        desc = update if isinstance(update, dict) else _describe(update, [None] * len(update.buckets))
+    # --- weights by broadcast (GPU; ``rollout.base.ReceivesBroadcast``) -------------------
+
+    def join_broadcast(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
+        """Every worker of this engine joins the NCCL weight group at ``host:port`` from rank
+        ``rank_offset`` on (``crl_nccl_init``); blocks until the whole group joined, bounded."""
+        run_with_timeout(
+            lambda: self.llm.collective_rpc("crl_nccl_init", timeout=timeout_s,
+                                            args=(host, port, rank_offset, world_size)),
+            timeout_s, -1, f"vLLM workers joining the NCCL weight group from rank {rank_offset}",
+        )
+
+    def receive_broadcast(self, desc: dict[str, Any]) -> None:
+        """The workers receive the buckets described by ``desc`` (``WeightLayout.describe``) by
+        broadcast from rank 0, which sends them concurrently, and reload from them."""
         check_version(self.policy_version, desc["version"], "VLLMGenerator")
         loaded = self._rpc("crl_nccl_receive", desc, desc["version"])
         self.llm.reset_prefix_cache()
         self._check_loaded(loaded, len(desc["layout"]), desc["version"])
         self.policy_version = desc["version"]
+
+    def leave_broadcast(self) -> None:
+        """The workers leave the weight group (a no-op for a closed engine)."""
+        if self.llm is not None:
+            self.llm.collective_rpc("crl_nccl_close", timeout=30)
 
     def _check_names(self, update: WeightUpdate) -> None:
         """The update must name exactly the checkpoint's tensors, as ``HFGenerator`` demands of
@@ -325,98 +335,3 @@ class VLLMGenerator:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class NCCLWeightBroadcaster:
-    """``WeightSync`` for GPU machines: learner rank 0 broadcasts the buckets into the workers
-    of one or more ``VLLMGenerator``s over a NCCL group created for it (rank 0 = learner, the
-    workers of engine k follow). One RPC per engine and one broadcast per bucket per sync.
-
-    Both ends must run concurrently (NCCL collectives block until every rank joins), so the
-    engine-side calls run in threads here; with Ray (next issue) they are actor calls instead.
-    Needs CUDA: exercised only by ``@pytest.mark.gpu`` tests.
-    """
-
-    def __init__(
-        self,
-        engines: Sequence[VLLMGenerator],
-        master_address: str = "127.0.0.1",
-        master_port: int = 29555,
-        timeout_s: float = 120.0,
-    ):
-        from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("NCCLWeightBroadcaster needs CUDA; use VLLMGenerator.load_weights on CPU")
-        self.engines = list(engines)
-        self.timeout_s = timeout_s
-        world_size = 1 + sum(e.num_workers for e in self.engines)
-        offsets = [1 + sum(e.num_workers for e in self.engines[:k]) for k in range(len(self.engines))]
-        joins = [
-            self._spawn(
-                lambda e=e, off=off: e.llm.collective_rpc(
-                    "crl_nccl_init", args=(master_address, master_port, off, world_size)
-                )
-            )
-            for e, off in zip(self.engines, offsets)
-        ]
-        self.comm = stateless_init_process_group(
-            master_address, master_port, 0, world_size, torch.cuda.current_device()
-        )
-        self._join(joins, version=-1, stage="NCCL group rendezvous")
-
-    @staticmethod
-    def _spawn(fn) -> tuple[threading.Thread, list]:
-        """Run ``fn()`` in a daemon thread; its result or exception lands in the box."""
-        box: list = []
-
-        def run() -> None:
-            try:
-                box.append(("ok", fn()))
-            except BaseException as exc:
-                box.append(("err", exc))
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread, box
-
-    def _join(self, joins, version: int, stage: str) -> None:
-        deadline = time.perf_counter() + self.timeout_s
-        for thread, box in joins:
-            thread.join(max(0.0, deadline - time.perf_counter()))
-            if thread.is_alive():
-                raise SyncTimeout(version, stage, self.timeout_s)
-            if box and box[0][0] == "err":
-                raise box[0][1]
-
-    def publish(self, update: WeightUpdate) -> SyncReport:
-        start = time.perf_counter()
-        for engine in self.engines:  # refuse before any rank enters a collective
-            check_version(engine.policy_version, update.version, "VLLMGenerator")
-        desc = _describe(update, [None] * len(update.buckets))
-        joins = [self._spawn(lambda e=e: e.receive_nccl(desc)) for e in self.engines]
-
-        def broadcast() -> None:
-            stream = torch.cuda.current_stream()
-            for bucket in update.buckets:
-                self.comm.broadcast(bucket.cuda(non_blocking=True), src=0, stream=stream)
-            stream.synchronize()
-
-        # a dead peer blocks a NCCL collective forever: the watchdog turns that into SyncTimeout
-        run_with_timeout(broadcast, self.timeout_s, update.version, "NCCL broadcast")
-        self._join(joins, update.version, "vLLM workers receive + reload")
-        return SyncReport(
-            version=update.version,
-            seconds=time.perf_counter() - start,
-            num_bytes=update.num_bytes,
-            num_messages=num_messages(update),
-            num_targets=len(self.engines),
-        )
-
-    def close(self) -> None:
-        for engine in self.engines:
-            if engine.llm is not None:
-                engine.llm.collective_rpc("crl_nccl_close")
-        destroy = getattr(self.comm, "destroy", None)
-        if callable(destroy):
-            destroy()

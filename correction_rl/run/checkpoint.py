@@ -17,8 +17,8 @@ Why it works this way (docs/reliability.md has the long form):
   fields that are safe to change (``total_steps``, timeouts, metrics, resources other than the
   learner world size, ...) may differ.
 
-What goes INTO a checkpoint is the caller's business (``loop.py`` / the Ray driver): a
-``state.json`` of small JSON state plus whatever files ``write_files(tmp_dir)`` writes (the
+What goes INTO a checkpoint is the run lifecycle's ``RunState`` (``run/state.py``, one layout for
+both drivers): a ``state.json`` of small JSON state plus whatever files ``write_files(tmp_dir)`` writes (the
 learner's torch or DeepSpeed state).
 """
 
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
+
+from correction_rl.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -70,7 +72,7 @@ the reference log-probs in the correction log were computed for it), the learner
 the buffer rules the restored buffer state was admitted under."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """No usable checkpoint, or one that cannot be resumed under this config."""
 
 
@@ -246,6 +248,9 @@ def verify(path: str | Path) -> Checkpoint:
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{mpath}: unreadable manifest ({exc})") from None
+    bad = _manifest_shape_error(files)
+    if bad:
+        raise CheckpointError(f"{mpath}: manifest of the wrong shape ({bad})")
     on_disk = {p.relative_to(path).as_posix() for p in _files(path)}
     missing = sorted(set(files) - on_disk)
     if missing:
@@ -265,9 +270,25 @@ def verify(path: str | Path) -> Checkpoint:
         config = yaml.safe_load((path / CONFIG).read_text())
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{path}: unreadable {STATE}/{CONFIG} ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {STATE} and {CONFIG} must each hold a mapping")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path / STATE}: format {state.get('format')!r}, expected {FORMAT}")
-    return Checkpoint(path=path, step=int(state["step"]), state=state, config=config)
+    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise CheckpointError(f"{path / STATE}: step {state.get('step')!r} is not an integer")
+    return Checkpoint(path=path, step=state["step"], state=state, config=config)
+
+
+def _manifest_shape_error(files: Any) -> str | None:
+    """What is wrong with a manifest's ``files`` table (valid JSON can still be the wrong shape,
+    e.g. ``"state.json": 5``), or None."""
+    if not isinstance(files, dict):
+        return f"'files' is {type(files).__name__}, expected an object"
+    for rel, meta in files.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
+                and isinstance(meta.get("bytes"), int) and not isinstance(meta.get("bytes"), bool)):
+            return f"entry {rel!r} is {meta!r}, expected {{'sha256': str, 'bytes': int}}"
+    return None
 
 
 def latest_valid(run_dir: str | Path) -> tuple[Checkpoint | None, list[Rejected]]:

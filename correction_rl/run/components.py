@@ -14,25 +14,8 @@ from typing import Any
 from correction_rl.config import BufferConfig, RunConfig, to_dict
 from correction_rl.observe.metrics import JsonlSink, MetricSink, MultiSink, WandbSink
 from correction_rl.rollout.base import Generator
-from correction_rl.tasks.registry import make_prompts
 from correction_rl.teachers.base import Teacher
-from correction_rl.types import Prompt, Sampling
-
-
-def load_prompts(cfg: RunConfig) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts: from the configured tasks, or a JSONL file for training.
-
-    Held-out prompts always come from the tasks' disjoint ``eval`` split, ``eval.num_prompts``
-    per task.
-    """
-    task = cfg.task
-    per_task = min(task.num_eval, cfg.eval.num_prompts)
-    held_out = make_prompts(task.names, task.difficulty, per_task, "eval", cfg.seed)
-    if task.prompts_file:
-        from correction_rl.prompts.files import load_prompts as read_jsonl
-
-        return read_jsonl(task.prompts_file), held_out
-    return make_prompts(task.names, task.difficulty, task.num_train, "train", cfg.seed), held_out
+from correction_rl.types import Sampling
 
 
 def buffer_config(cfg: RunConfig) -> BufferConfig:
@@ -91,31 +74,32 @@ def build_llm_teacher(cfg: RunConfig) -> Teacher:
         refusal_patterns=tuple(t.refusal_patterns) if t.refusal_patterns is not None else DEFAULT_REFUSAL_PATTERNS,
     )
     common = dict(
-        api=t.api, timeout_s=t.timeout_s, max_retries=t.max_retries, max_concurrency=t.max_concurrency,
+        api=t.api, timeout_s=t.timeout_s, max_retries=t.retry.max_retries, max_concurrency=t.max_concurrency,
         on_rejection=t.on_rejection, max_new_tokens=t.max_new_tokens, temperature=t.temperature, seed=cfg.seed,
     )
     if t.kind == "vllm":
         from correction_rl.teachers.vllm_teacher import VLLMTeacher
 
         return VLLMTeacher(
-            t.model_path or "", templates, rules, max_model_len=t.vllm_max_model_len,
-            kv_cache_gb=t.vllm_kv_cache_gb, gpu_memory_utilization=t.vllm_gpu_memory_utilization, **common,
+            t.vllm.model_path or "", templates, rules, max_model_len=t.vllm.max_model_len,
+            kv_cache_gb=t.vllm.kv_cache_gb, gpu_memory_utilization=t.vllm.gpu_memory_utilization, **common,
         )
     from correction_rl.teachers.http_teacher import HTTPTeacher
 
+    r = t.retry
     return HTTPTeacher(
-        t.base_url or "", t.model_path or "", templates, rules, api_key_env=t.api_key_env,
-        backoff_base_s=t.backoff_base_s, backoff_max_s=t.backoff_max_s,
-        breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s, **common,
+        t.http.base_url or "", t.http.model or "", templates, rules, api_key_env=t.http.api_key_env,
+        backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
+        breaker_failures=r.breaker_failures, breaker_cooldown_s=r.breaker_cooldown_s, **common,
     )
 
 
 def build_human_teacher(cfg: RunConfig) -> Teacher:
-    """The human teacher over its SQLite queue, with a share of the web app unless ``human_serve``
-    is off (docs/human-teachers.md).
+    """The human teacher over its SQLite queue, with a share of the web app unless
+    ``teacher.human.serve`` is off (docs/human-teachers.md).
 
     Every process that builds one (in the Ray modes: each teacher worker) opens the same queue
-    file and competes for its lock; the holder serves the app on ``human_host:human_port`` and
+    file and competes for its lock; the holder serves the app on ``teacher.human.host:port`` and
     the others take over when it dies (``teachers/human/host.py``), so one app serves the queue
     however many teacher workers there are."""
     import os
@@ -123,23 +107,25 @@ def build_human_teacher(cfg: RunConfig) -> Teacher:
     from correction_rl.teachers.human.queue import CorrectionQueue
     from correction_rl.teachers.human.teacher import HumanTeacher
 
-    t = cfg.teacher
-    db = Path(t.human_db)
+    h = cfg.teacher.human
+    db = Path(h.db)
     db = db if db.is_absolute() else cfg.run_dir / db
-    queue = CorrectionQueue(db, lease_timeout_s=t.human_lease_s)
+    queue = CorrectionQueue(db, lease_timeout_s=h.lease_s)
     fallback = None
-    if t.human_fallback == "oracle":
+    if h.fallback == "oracle":
         from correction_rl.teachers.oracle import OracleTeacher
 
         fallback = OracleTeacher()
     server = None
-    if t.human_serve:
-        from correction_rl.teachers.human.app import create_app, parse_tokens
+    if h.serve:
+        from correction_rl.config import warn_config
+        from correction_rl.teachers.human.app import TokenSpecError, create_app, parse_tokens
         from correction_rl.teachers.human.host import acquire_host
 
-        spec = os.environ.get(t.human_tokens_env)
+        warn_config(cfg)  # a non-loopback host: tokens in clear text
+        spec = os.environ.get(h.tokens_env)
         if not spec:
-            raise ValueError(f"teacher.human_tokens_env: environment variable {t.human_tokens_env} is not set "
+            raise TokenSpecError(f"teacher.human.tokens_env: environment variable {h.tokens_env} is not set "
                              f"in this process (pid {os.getpid()}; expected name=token[,name=token...]). In the "
                              "Ray modes the teacher workers need it: export it where Ray starts (the shell "
                              "that runs the training, or `ray start` on the teacher node)")
@@ -148,9 +134,9 @@ def build_human_teacher(cfg: RunConfig) -> Teacher:
         def announce(url: str) -> None:
             print(f"human teacher: annotators open {url}/#token=<their token> (pid {os.getpid()})", flush=True)
 
-        server = acquire_host(db, lambda: create_app(queue, tokens, t.human_max_body_bytes),
-                              t.human_host, t.human_port, announce=announce)
-    return HumanTeacher(queue, wait_s=t.human_wait_s, fallback=fallback, server=server)
+        server = acquire_host(db, lambda: create_app(queue, tokens, h.max_body_bytes),
+                              h.host, h.port, announce=announce)
+    return HumanTeacher(queue, wait_s=h.wait_s, fallback=fallback, server=server)
 
 
 def build_eval_teacher(cfg: RunConfig) -> Teacher:

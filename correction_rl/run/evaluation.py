@@ -245,12 +245,12 @@ def evaluate(
 
 def cli(argv: list[str]) -> int:
     """``correction-rl eval --model DIR [--task addition ...] [--init-model DIR] [--json OUT]``"""
-    from correction_rl.prompts.files import load_prompts
+    from correction_rl.prompts.files import read_prompt_file
     from correction_rl.models import load_model, load_tokenizer
     from correction_rl.rollout.hf import HFGenerator
     from correction_rl.tasks import make_prompts
     from correction_rl.teachers.oracle import OracleTeacher
-    from correction_rl.tools.warmstart import parse_difficulty
+    from correction_rl.tasks.registry import parse_difficulty
 
     p = argparse.ArgumentParser(prog="correction-rl eval", description="Held-out evaluation with the oracle teacher.")
     p.add_argument("--model", required=True, help="HF directory of the policy")
@@ -266,7 +266,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--json", default=None, help="write the report as JSON here")
     a = p.parse_args(argv)
     if a.prompts_file:
-        prompts = load_prompts(a.prompts_file)[: a.num_prompts]
+        prompts = read_prompt_file(a.prompts_file)[: a.num_prompts]
     else:
         prompts = make_prompts(a.task, parse_difficulty(a.difficulty), a.num_prompts, "eval", a.seed)
     model, tokenizer = load_model(a.model).eval(), load_tokenizer(a.model)

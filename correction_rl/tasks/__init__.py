@@ -1,7 +1,14 @@
 """Verifiable tasks: seeded prompts, checkers and oracle correctors (docs/tasks.md)."""
 
 from correction_rl.tasks.base import SPLITS, Split, Task, TaskError
-from correction_rl.tasks.registry import TASKS, get_task, make_prompts, register_task, task_names
+from correction_rl.tasks.registry import (
+    TASKS,
+    get_task,
+    make_prompts,
+    parse_difficulty,
+    register_task,
+    task_names,
+)
 
 __all__ = [
     "SPLITS",
@@ -11,6 +18,7 @@ __all__ = [
     "TaskError",
     "get_task",
     "make_prompts",
+    "parse_difficulty",
     "register_task",
     "task_names",
 ]

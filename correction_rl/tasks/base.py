@@ -20,12 +20,13 @@ from typing import ClassVar, Iterable, Iterator, Literal
 
 from correction_rl.edits import edit_distance
 from correction_rl.types import Prompt
+from correction_rl.errors import UserError
 
 Split = Literal["train", "eval"]
 SPLITS: tuple[str, ...] = ("train", "eval")
 
 
-class TaskError(ValueError):
+class TaskError(ValueError, UserError):
     """Bad task input: unknown task or knob, a bad knob value, or a prompt the task can't parse."""
 
 

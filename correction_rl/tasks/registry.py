@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from correction_rl.tasks.addition import AdditionTask
 from correction_rl.tasks.base import Split, Task, TaskError
@@ -73,3 +74,19 @@ def make_prompts(
     for name in names:
         prompts.extend(get_task(name, **knobs_for(name, difficulty)).generate(n, split, seed))
     return prompts
+
+
+def parse_difficulty(items: Sequence[str]) -> dict[str, int]:
+    """Command-line difficulty knobs: ``["max_digits=2", "addition.min_digits=1"]`` ->
+    ``{"max_digits": 2, "addition.min_digits": 1}`` (the ``TaskConfig.difficulty`` form); a bad
+    item is an error naming it. Which knobs exist is checked by ``make_prompts``."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        try:
+            if not eq or not key:
+                raise ValueError
+            out[key] = int(value)
+        except ValueError:
+            raise TaskError(f"--difficulty: expected KNOB=INT, got {item!r}") from None
+    return out

@@ -9,7 +9,7 @@ reason (``teacher/errors/http_429`` ...) and the backoff is ours.
 The request path of one rollout::
 
     template -> request --(429 / 5xx / timeout / connection / malformed JSON)--> backoff, retry
-                   |                                      (up to teacher.max_retries times)
+                   |                                      (up to teacher.retry.max_retries)
                    v
                validate(answer) --rejected--> re-ask (on_rejection: retry) or drop, counted
                    v
@@ -22,7 +22,7 @@ transport failures and fails fast (``circuit_open``) for ``breaker_cooldown_s``,
 trial request through: a dead endpoint costs the run a counted rejection per rollout instead of
 ``timeout_s x retries`` each.
 
-The API key is read from the environment variable NAMED in ``teacher.api_key_env`` when the
+The API key is read from the environment variable NAMED in ``teacher.http.api_key_env`` when the
 teacher is built and is handed only to the client: it is not an attribute of this class, not in
 any message, metric or ``repr``, and the config (hence W&B and ``config.yaml``) holds only the
 variable's name.
@@ -60,7 +60,7 @@ class CircuitBreaker:
 
     def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic) -> None:
         if threshold < 1:
-            raise ValueError(f"teacher.breaker_failures must be >= 1, got {threshold}")
+            raise ValueError(f"teacher.retry.breaker_failures must be >= 1, got {threshold}")
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.clock = clock
@@ -109,7 +109,7 @@ class _Loop:
             future.cancel()
             raise TimeoutError(
                 f"HTTP teacher: a batch did not finish within {timeout:.0f} s (the bound from "
-                "teacher.timeout_s, max_retries, backoff and max_concurrency); is the event loop "
+                "teacher.timeout_s, teacher.retry and teacher.max_concurrency); is the event loop "
                 "blocked?"
             ) from None
 
@@ -145,9 +145,9 @@ class HTTPTeacher:
         name: str = "http",
     ) -> None:
         if not base_url:
-            raise ValueError("teacher.base_url is required for teacher.kind 'http' (e.g. http://127.0.0.1:8000/v1)")
+            raise ValueError("teacher.http.base_url is required for teacher.kind 'http' (e.g. http://127.0.0.1:8000/v1)")
         if not model:
-            raise ValueError("teacher.model_path must name the model to request for teacher.kind 'http'")
+            raise ValueError("teacher.http.model must name the model to request for teacher.kind 'http'")
         if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError(
                 f"teacher: need max_concurrency >= 1, max_retries >= 0, timeout_s > 0; got "
@@ -183,7 +183,7 @@ class HTTPTeacher:
         key = os.environ.get(api_key_env)
         if not key:
             warnings.warn(
-                f"HTTP teacher: environment variable {api_key_env} (teacher.api_key_env) is not "
+                f"HTTP teacher: environment variable {api_key_env} (teacher.http.api_key_env) is not "
                 "set; sending a placeholder key (fine for local vLLM servers, hosted APIs will "
                 "answer 401)",
                 stacklevel=3,

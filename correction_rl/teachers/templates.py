@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from correction_rl.types import Rollout
+from correction_rl.errors import UserError
 
 OutputFormat = Literal["markers", "raw"]
 Api = Literal["chat", "completions"]
 
 
-class TemplateError(ValueError):
+class TemplateError(ValueError, UserError):
     """A template that cannot be used: unknown name, bad file, unknown placeholder."""
 
 

@@ -69,7 +69,7 @@ class VLLMTeacher:
         name: str = "vllm",
     ) -> None:
         if not model_path:
-            raise ValueError("teacher.model_path must be the teacher model directory for teacher.kind 'vllm'")
+            raise ValueError("teacher.vllm.model_path must be the teacher model directory for teacher.kind 'vllm'")
         if max_concurrency < 1 or timeout_s <= 0:
             raise ValueError(f"teacher: need max_concurrency >= 1 and timeout_s > 0; got {max_concurrency}, {timeout_s}")
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from correction_rl.tasks import Task, TaskError, get_task
+from correction_rl.tasks import Task, get_task, parse_difficulty
 from correction_rl.types import Prompt, Sampling
 
 
@@ -223,20 +223,6 @@ def warm_start(cfg: WarmStartConfig, out: str | Path, log=None) -> WarmStartResu
     model, tokenizer, result = train(cfg, log=log)
     save(model, tokenizer, result, out)
     return result
-
-
-def parse_difficulty(items: Sequence[str]) -> dict[str, int]:
-    """``["max_digits=2"]`` -> ``{"max_digits": 2}``; a bad item is an error naming it."""
-    out: dict[str, int] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        try:
-            if not eq or not key:
-                raise ValueError
-            out[key] = int(value)
-        except ValueError:
-            raise TaskError(f"--difficulty: expected KNOB=INT, got {item!r}") from None
-    return out
 
 
 def cli(argv: list[str]) -> int:

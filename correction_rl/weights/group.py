@@ -119,7 +119,7 @@ class WeightLayout:
 
     @property
     def num_bytes(self) -> int:
-        return sum(n * _dtype(d).itemsize for n, d in self.buckets)
+        return sum(n * dtype_named(d).itemsize for n, d in self.buckets)
 
     @property
     def num_messages(self) -> int:
@@ -139,10 +139,10 @@ class WeightLayout:
             )
 
     def allocate(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        return [torch.empty(n, dtype=_dtype(d), device=device) for n, d in self.buckets]
+        return [torch.empty(n, dtype=dtype_named(d), device=device) for n, d in self.buckets]
 
     def describe(self, version: int) -> dict[str, Any]:
-        """The description ``VLLMGenerator.receive_nccl`` takes (no shared-memory paths)."""
+        """The description ``VLLMGenerator.receive_broadcast`` takes (no shared-memory paths)."""
         return {
             "version": version,
             "layout": [[n, b, o, list(s), d] for n, b, o, s, d in self.layout],
@@ -163,7 +163,8 @@ class TransferReport:
     num_bytes: int
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
+    """``torch.float32`` for ``"float32"``: the dtype names a weight layout carries."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in a weight layout")
@@ -330,4 +331,5 @@ __all__ = [
     "WeightGroup",
     "WeightLayout",
     "choose_transport",
+    "dtype_named",
 ]

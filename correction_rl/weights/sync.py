@@ -1,4 +1,4 @@
-"""Versioned weight sync: bucketing, the ``WeightSync`` transport interface, hard timeouts.
+"""Versioned weight sync: bucketing, hard timeouts, and the in-process transport.
 
 Why buckets: the learner's weights travel as a handful of flat tensors (one per ``bucket_bytes``
 of parameters of one dtype) plus one metadata message (``WeightUpdate.layout``), so the number of
@@ -9,15 +9,10 @@ Why a hard timeout: a stalled engine (a dead worker process, an NCCL peer that n
 surface as a readable ``SyncTimeout`` naming the version, the stage and the limit, not as a run
 that silently stops producing rollouts.
 
-Transports (one implementation per mechanism, all behind ``WeightSync.publish``):
-
-* ``InProcessSync`` (here): the learner and the generators share a process; ``publish`` calls
-  each generator's ``load_weights`` with the same ``WeightUpdate``.
-* Ray object store / shared memory (``correction_rl/distributed/``, next issue): ``publish`` puts
-  the buckets once and hands every rollout actor the reference; each actor calls
-  ``generator.load_weights(update)`` (that is the engine side, "apply").
-* NCCL (GPU): ``publish`` broadcasts the buckets from learner rank 0 into the vLLM workers
-  (``correction_rl.rollout.vllm.NCCLWeightBroadcaster``).
+Every transport implements ``WeightTransport`` (``weights/transport.py``): ``start(version)``
+exports the learner's weights into buckets and delivers them. ``InProcessSync`` (here) is the
+one where learner and generators share a process; the Ray object store and the gloo/NCCL
+collective group live in ``correction_rl/distributed/``.
 """
 
 from __future__ import annotations
@@ -26,11 +21,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 
 from correction_rl.types import WeightUpdate
+
+if TYPE_CHECKING:
+    from correction_rl.weights.transport import DoneSync
 
 T = TypeVar("T")
 
@@ -57,7 +55,7 @@ class StaleWeightsError(ValueError):
 
 @dataclass(frozen=True)
 class SyncReport:
-    """What one ``publish`` measured (logged as ``sync/*`` metrics)."""
+    """What one sync measured (logged as ``sync/*`` metrics)."""
 
     version: int
     seconds: float
@@ -234,43 +232,56 @@ def run_with_timeout(fn: Callable[[], T], timeout_s: float, version: int, stage:
     return result[0]
 
 
-# --- transports -----------------------------------------------------------------------------
+# --- the in-process transport ------------------------------------------------------------------
+
+DEFAULT_BUCKET_BYTES = 64 * 2**20
 
 
-@runtime_checkable
-class WeightSync(Protocol):
-    """Learner-side end of a transport: deliver one versioned update to every engine.
+class WeightSource(Protocol):
+    """What a transport exports from: the learner (full, gathered parameters by HF name)."""
 
-    The engine side is ``Generator.load_weights`` (or, for transports whose bytes arrive out of
-    band such as NCCL, an engine method called by the transport), so a transport only needs:
-    """
-
-    def publish(self, update: WeightUpdate) -> SyncReport:
-        """Deliver ``update`` to every engine, or raise ``SyncTimeout`` past the hard limit."""
-        ...
-
-    def close(self) -> None:
-        """Release transport resources (process groups, shared-memory segments)."""
-        ...
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]: ...
 
 
 class InProcessSync:
-    """Pushes updates to generators living in this process (the in-process loop, tests).
+    """The ``WeightTransport`` of the in-process loop: the learner and the generators share a
+    process, so ``start(v)`` exports the learner's weights into buckets and calls each
+    generator's ``load_weights`` with the same ``WeightUpdate``, all under one deadline of
+    ``timeout_s`` (each apply runs in a watchdog thread, so a stalled engine raises
+    ``SyncTimeout`` instead of hanging the loop). It finishes inside ``start``
+    (``overlaps_training`` is False).
 
-    Generators are applied one after another under one deadline of ``timeout_s`` for the
-    whole publish; each apply runs in a watchdog thread so a stalled engine raises instead
-    of hanging the loop.
-    """
+    ``publish(update)`` is the delivery half alone, for callers that already hold an update
+    (engine tests)."""
 
-    def __init__(self, generators: Sequence, timeout_s: float = 120.0):
+    overlaps_training = False
+
+    def __init__(self, generators: Sequence, timeout_s: float = 120.0, source: WeightSource | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         if not generators:
             raise ValueError("InProcessSync needs at least one generator")
         self.generators = list(generators)
         self.timeout_s = timeout_s
+        self.source = source
+        self.bucket_bytes = bucket_bytes
 
-    def publish(self, update: WeightUpdate) -> SyncReport:
+    def start(self, version: int) -> "DoneSync":
+        """Export version ``version`` from the source (the learner) and load it everywhere."""
+        from correction_rl.weights.transport import DoneSync
+
+        if self.source is None:
+            raise ValueError("InProcessSync.start needs a source to export from (InProcessSync(..., source=learner))")
+        t0 = time.perf_counter()
+        update = flatten_to_buckets(self.source.named_weights(), version, self.bucket_bytes)
+        report = self.publish(update, budget_s=self.timeout_s - (time.perf_counter() - t0))
+        return DoneSync(SyncReport(version=report.version, seconds=time.perf_counter() - t0,
+                                   num_bytes=report.num_bytes, num_messages=report.num_messages,
+                                   num_targets=report.num_targets))
+
+    def publish(self, update: WeightUpdate, budget_s: float | None = None) -> SyncReport:
+        """Load ``update`` into every generator within ``budget_s`` (default ``timeout_s``)."""
         start = time.perf_counter()
-        deadline = start + self.timeout_s
+        deadline = start + (self.timeout_s if budget_s is None else budget_s)
         for i, gen in enumerate(self.generators):
             stage = f"load_weights into generator {i} ({type(gen).__name__})"
             remaining = deadline - time.perf_counter()
@@ -290,3 +301,4 @@ class InProcessSync:
 
     def close(self) -> None:
         self.generators = []
+        self.source = None

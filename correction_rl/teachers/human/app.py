@@ -29,12 +29,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from correction_rl.teachers.human.queue import CorrectionQueue, QueueError
+from correction_rl.errors import UserError
+from correction_rl.teachers.human.queue import AlreadySaved, CorrectionQueue, QueueError
 
 STATIC = Path(__file__).parent / "static"
 CSRF_HEADER = "x-crl-request"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class TokenSpecError(ValueError, UserError):
+    """The annotators' token variable is malformed; the message names the entry, never a token."""
 
 
 def parse_tokens(spec: str) -> dict[str, str]:
@@ -45,14 +50,14 @@ def parse_tokens(spec: str) -> dict[str, str]:
             continue
         name, sep, token = entry.partition("=")
         if not sep or not name.strip() or not token.strip():
-            raise ValueError(f"annotator tokens: entry {k + 1} {name.strip() or entry!r}: expected name=token")
+            raise TokenSpecError(f"annotator tokens: entry {k + 1} {name.strip() or entry!r}: expected name=token")
         if len(token.strip()) < 16:
-            raise ValueError(f"annotator tokens: entry {k + 1} ({name.strip()}): token shorter than 16 characters")
+            raise TokenSpecError(f"annotator tokens: entry {k + 1} ({name.strip()}): token shorter than 16 characters")
         if token.strip() in tokens:
-            raise ValueError(f"annotator tokens: entry {k + 1} ({name.strip()}): token already used")
+            raise TokenSpecError(f"annotator tokens: entry {k + 1} ({name.strip()}): token already used")
         tokens[token.strip()] = name.strip()
     if not tokens:
-        raise ValueError("annotator tokens: none configured (expected name=token[,name=token...])")
+        raise TokenSpecError("annotator tokens: none configured (expected name=token[,name=token...])")
     return tokens
 
 
@@ -148,7 +153,14 @@ def create_app(queue: CorrectionQueue, tokens: dict[str, str], max_body_bytes: i
     @app.post("/api/submit")
     def submit(body: _Submit, request: Request) -> dict[str, Any]:
         who = annotator(request)
-        item = queue.complete(body.item_id, who, body.corrected_text)  # committed before we answer
+        try:
+            item = queue.complete(body.item_id, who, body.corrected_text)  # committed before we answer
+        except AlreadySaved as saved:  # a double-clicked Submit: the first click stored it
+            if not saved.same_text:
+                raise _Error(409, str(saved)) from None
+            item = saved.item
+            return {"saved": True, "already_saved": True, "item_id": item.item_id,
+                    "edit_distance": item.edit_distance, "progress": queue.progress(who)}
         return {"saved": True, "item_id": item.item_id, "edit_distance": item.edit_distance,
                 "progress": queue.progress(who)}
 

@@ -41,7 +41,7 @@ def lock_path(db: Path) -> Path:
 
 
 def url_path(db: Path) -> Path:
-    """Where the serving process writes the app's address (read it when ``human_port`` is 0)."""
+    """Where the serving process writes the app's address (read it when ``teacher.human.port`` is 0)."""
     return db.with_name(db.name + ".url")
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from correction_rl.errors import UserError
 from correction_rl.types import Rollout
 
 SCHEMA = """
@@ -66,8 +67,30 @@ BUSY_TIMEOUT_S = 30.0
 """How long one write waits for another process's transaction before failing."""
 
 
-class QueueError(RuntimeError):
-    """A request the queue cannot honour (unknown item, lease not held); the message says why."""
+class QueueError(RuntimeError, UserError):
+    """A request the queue cannot honour (unknown item, lease not held, a file that is not a
+    queue); the message says why."""
+
+
+class AlreadySaved(QueueError):
+    """``complete`` for an item the same annotator has already saved (a double-clicked Submit,
+    a retried request): nothing was changed. ``same_text`` says whether the repeat carried the
+    text that was saved; a different text is not stored (a saved correction is final)."""
+
+    def __init__(self, item: "Item", same_text: bool) -> None:
+        self.item, self.same_text = item, same_text
+        detail = "" if same_text else "; a saved correction is final, the new text was not stored"
+        super().__init__(f"item {item.item_id!r}: already saved by {item.annotator!r}{detail}")
+
+
+class ItemsNotOpen(QueueError):
+    """An import named items that are unknown or no longer open (``states``: item id -> its
+    state, None when unknown); nothing of that import was stored."""
+
+    def __init__(self, states: dict[str, str | None]) -> None:
+        self.states = states
+        shown = ", ".join(f"{i!r} {'unknown' if s is None else 'already ' + s}" for i, s in states.items())
+        super().__init__(f"{len(states)} item(s) not open, nothing stored: {shown}")
 
 
 @dataclass(frozen=True)
@@ -110,22 +133,47 @@ def item_ids(rollouts: Sequence[Rollout]) -> list[str]:
     return ids
 
 
+def _check_existing_queue(path: Path) -> None:
+    """Refuse a path that is not already a queue, reading it only (a read-only connection: an
+    SQLite file of something else must not be switched to WAL or given our tables)."""
+    if not path.is_file():
+        raise QueueError(f"{path}: no such correction queue file")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='items'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise QueueError(f"{path}: not a correction queue (SQLite: {exc})") from None
+    if found is None:
+        raise QueueError(f"{path}: an SQLite file, but not a correction queue (no items table)")
+
+
 class CorrectionQueue:
     """Thread-safe handle on one queue file (one connection per thread, WAL journal); handles in
     several processes (the Ray teacher workers) share the file safely."""
 
-    def __init__(self, path: str | Path, lease_timeout_s: float = 300.0) -> None:
+    def __init__(self, path: str | Path, lease_timeout_s: float = 300.0, create: bool = True) -> None:
         """Opens (creating if needed) the queue file; any number of handles, in any number of
-        processes on the same node, may share one file."""
+        processes on the same node, may share one file. ``create=False`` (the offline tool's
+        ``--db``) opens only an existing queue: a missing file, or an SQLite file of something
+        else, raises ``QueueError`` instead of becoming a queue."""
         if lease_timeout_s <= 0:
             raise ValueError(f"lease_timeout_s={lease_timeout_s}: must be > 0")
         self.path = Path(path)
+        if not create:
+            _check_existing_queue(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lease_timeout_s = float(lease_timeout_s)
         self._local = threading.local()
-        with self._tx() as db:
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
+        try:
+            with self._tx() as db:
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    db.execute(statement)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", a directory, no access
+            self.close()
+            raise QueueError(f"{self.path}: cannot be used as a correction queue (SQLite: {exc})") from None
 
     # -- connection plumbing -----------------------------------------------------------------
 
@@ -144,15 +192,21 @@ class CorrectionQueue:
         always wait for; when several processes open a fresh file at once we retry (bounded)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise QueueError(f"{self.path}: cannot open the correction queue (SQLite: {exc})") from None
             conn.row_factory = sqlite3.Row
             deadline = time.monotonic() + BUSY_TIMEOUT_S
             while True:
                 try:
                     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                     break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                except sqlite3.DatabaseError as exc:
+                    if "locked" not in str(exc):  # "file is not a database", an I/O error
+                        conn.close()
+                        raise QueueError(f"{self.path}: cannot be used as a correction queue (SQLite: {exc})") from None
+                    if time.monotonic() > deadline:
                         conn.close()
                         raise QueueError(f"{self.path}: cannot switch to WAL journal: {exc}") from exc
                     time.sleep(0.05)
@@ -288,11 +342,16 @@ class CorrectionQueue:
         """Stores y' for the item the caller holds; committed (on disk) when this returns.
 
         A lease that expired but was not yet taken by anyone else still counts: the work is not
-        thrown away. A lease taken over by another annotator raises ``QueueError``."""
+        thrown away. A lease taken over by another annotator raises ``QueueError``; an item this
+        annotator already saved raises ``AlreadySaved`` (a double-clicked Submit is not "lost
+        its lease") and changes nothing."""
         from correction_rl.edits import edit_distance
 
         now = time.time() if now is None else now
         with self._tx() as db:
+            row = db.execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone()
+            if row is not None and row["state"] == "done" and row["annotator"] == annotator:
+                raise AlreadySaved(self._item(row), same_text=row["corrected"] == corrected)  # type: ignore[arg-type]
             row = self._held(db, item_id, annotator, now)
             db.execute(
                 "UPDATE items SET state='done', corrected=?, annotator=?, done_at=?, edit_distance=?, "
@@ -311,23 +370,34 @@ class CorrectionQueue:
                        (item_id,))
 
     def import_correction(self, item_id: str, annotator: str, corrected: str, now: float | None = None) -> Item:
-        """Offline import: stores y' for an open item regardless of leases (the file is the
-        authority); raises ``QueueError`` for unknown, done or withdrawn items."""
+        """Offline import of one correction (``import_corrections`` with one row)."""
+        return self.import_corrections([(item_id, annotator, corrected)], now)[0]
+
+    def import_corrections(self, rows: Sequence[tuple[str, str, str]], now: float | None = None) -> list[Item]:
+        """Offline import: stores ``(item_id, annotator, y')`` for open items regardless of
+        leases (the file is the authority), all or nothing. The states are checked inside the
+        same transaction that stores, so an item cancelled (or saved in the app) after the
+        file was validated makes the whole import fail with ``ItemsNotOpen``, nothing stored."""
         from correction_rl.edits import edit_distance
 
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone()
-            if row is None:
-                raise QueueError(f"item {item_id!r}: unknown")
-            if row["state"] not in OPEN_STATES:
-                raise QueueError(f"item {item_id!r}: already {row['state']}")
-            db.execute(
+            found = {r["item_id"]: r for r in (
+                db.execute("SELECT * FROM items WHERE item_id=?", (item_id,)).fetchone() for item_id, _, _ in rows)
+                if r is not None}
+            not_open = {item_id: (found[item_id]["state"] if item_id in found else None)
+                        for item_id, _, _ in rows
+                        if item_id not in found or found[item_id]["state"] not in OPEN_STATES}
+            if not_open:
+                raise ItemsNotOpen(not_open)  # rolls the transaction back: nothing stored
+            db.executemany(
                 "UPDATE items SET state='done', corrected=?, annotator=?, done_at=?, edit_distance=?, "
                 "lease_owner=NULL WHERE item_id=?",
-                (corrected, annotator, now, edit_distance(row["response"], corrected), item_id),
+                [(corrected, annotator, now, edit_distance(found[item_id]["response"], corrected), item_id)
+                 for item_id, annotator, corrected in rows],
             )
-        return self.get(item_id)  # type: ignore[return-value]
+        stored = self.items(item_id for item_id, _, _ in rows)
+        return [stored[item_id] for item_id, _, _ in rows]
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -1,0 +1,141 @@
+"""The learner rank actor: one data-parallel learner rank, a DeepSpeed engine in its own
+process; rank 0 also exports the weights (object store) or broadcasts them (weight group)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+
+from correction_rl.config import RunConfig
+from correction_rl.distributed.actors.clock import BusyClock
+from correction_rl.distributed.collective_member import SendingMember
+from correction_rl.distributed.weights import PublishedUpdate
+from correction_rl.types import CorrectionPair, StepStats, WeightUpdate
+
+
+class LearnerRank:
+    """One data-parallel learner rank: a DeepSpeed engine in its own process.
+
+    The driver picks the rendezvous (rank 0's address and a free port) and passes it to every
+    rank, so torch.distributed (gloo on CPU, NCCL on GPU) connects the ranks directly.
+    """
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, master_addr: str, master_port: int):
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",  # Ray gives each rank its own device set, seen as device 0
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        from correction_rl.learner.backends import load_policy, resolve_dtype
+        from correction_rl.learner.learner import Learner
+        from correction_rl.models import load_tokenizer
+
+        self.cfg = cfg
+        self.rank = rank
+        tokenizer = load_tokenizer(cfg.model.path)
+        self.learner = Learner(  # every rank loads (ZeRO-3 + zero_init: its partition only)
+            load_policy(cfg.model.path, cfg.learner, resolve_dtype(cfg.model, cfg.learner)),
+            pad_id=tokenizer.pad_token_id,
+            learner_cfg=cfg.learner,
+            objective_cfg=cfg.objective,
+            model_cfg=cfg.model,
+            total_steps=cfg.total_steps,
+        )
+        self.clock = BusyClock()
+        self.member = SendingMember()
+        """Rank 0's membership of the collective weight group (``sync.transport: collective``)."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train_step(self, pairs: list[CorrectionPair]) -> StepStats:
+        start = time.perf_counter()
+        stats = self.learner.train_step(pairs)
+        self.clock.add(time.perf_counter() - start)
+        return stats
+
+    def export(self) -> PublishedUpdate | None:
+        """Gather the full weights (a collective under ZeRO-3: every rank calls it); rank 0 puts
+        them into the object store once and returns the reference with the update's size."""
+        from correction_rl.distributed.weights import to_transport
+
+        update = self.gathered_update()
+        if update is None:
+            return None
+        return PublishedUpdate(ref=ray.put(to_transport(update)), version=update.version,
+                               num_bytes=update.num_bytes, num_buckets=len(update.buckets))
+
+    def gathered_update(self) -> WeightUpdate | None:
+        """The full weights as buckets on rank 0 (None on the others). Every rank must call it:
+        under ZeRO-3 each parameter is gathered collectively."""
+        from correction_rl.weights.sync import flatten_to_buckets
+
+        named = self.rank0_weights()
+        return None if named is None else flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
+
+    def rank0_weights(self):
+        """``named_weights()`` on rank 0, None elsewhere. Every rank must call it: under ZeRO-3
+        each parameter is gathered collectively, so the other ranks walk the iterator too."""
+        named = self.learner.named_weights()
+        if self.rank == 0:
+            return named
+        for _ in named:  # take part in the gathers
+            pass
+        return None
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def save_state(self, path: str) -> None:
+        """Checkpoint (every rank: DeepSpeed writes each rank's ZeRO shard)."""
+        self.learner.save_state(path, rank=self.rank)
+
+    def load_state(self, path: str) -> int:
+        self.learner.load_state(path, rank=self.rank)
+        return self.learner.version
+
+    def save_pretrained(self, path: str) -> None:
+        """Every rank must call it: under ZeRO-3 the weights are gathered collectively; rank 0
+        writes."""
+        if self.rank == 0:
+            self.learner.save_pretrained(path)
+        else:
+            self.rank0_weights()
+
+    def metrics(self) -> dict[str, float]:
+        return {f"train/rank{self.rank}/idle_fraction": self.clock.idle_fraction()}
+
+    # -- collective weight transport (distributed/collective.py; state in ``self.member``) ------
+    # Every learner rank still calls ``collective_layout`` / ``collective_send``: under ZeRO-3
+    # gathering the weights is a collective of the learner's own world.
+
+    def collective_layout(self):
+        """The static ``WeightLayout`` of this model's updates (rank 0; other ranks take part in
+        the gathers and return None). Planned on meta tensors: no second copy of the weights."""
+        from correction_rl.weights.group import WeightLayout
+
+        named = self.rank0_weights()
+        return None if named is None else WeightLayout.plan(named, self.cfg.sync.bucket_mb * 2**20)
+
+    def collective_join(self, address, layout, timeout_s: float) -> int:
+        """Rank 0 only: host and join the weight group as its rank 0 (``SendingMember.join``)."""
+        if self.rank != 0:
+            raise RuntimeError(f"learner rank {self.rank} is not a weight group member; rank 0 is")
+        return self.member.join(address, layout, timeout_s)
+
+    def collective_send(self, version: int, timeout_s: float):
+        """Gather (every rank), bucket and broadcast (rank 0) the current weights as ``version``.
+        Rank 0 gathers before any check can fail, so the other ranks never wait in a gather
+        rank 0 skipped. Returns rank 0's ``TransferReport`` (None on other ranks)."""
+        start = time.perf_counter()
+        update = self.gathered_update()
+        if update is None:
+            return None
+        return self.member.send(update, version, timeout_s, start)
+
+    def collective_leave(self) -> None:
+        self.member.leave()

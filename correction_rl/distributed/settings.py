@@ -1,0 +1,22 @@
+"""Settings only the Ray modes can get wrong, refused before any resource is reserved."""
+
+from __future__ import annotations
+
+from correction_rl.config import ConfigError, RunConfig
+from correction_rl.weights.group import choose_transport
+
+
+def check_settings(cfg: RunConfig) -> None:
+    """``ConfigError`` for a Ray run that cannot work, before any resource is reserved or
+    engine started: a weight transport the machines cannot run, a human teacher that waits
+    longer than the teacher worker's calls may last."""
+    res, t = cfg.resources, cfg.teacher
+    try:
+        choose_transport(cfg.sync.transport, res.gpus_per_learner_rank, res.gpus_per_rollout_worker,
+                         cfg.rollout.engine)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if t.kind == "human" and t.human.wait_s >= res.call_timeout_s:
+        raise ConfigError(f"teacher.human.wait_s={t.human.wait_s:g} must be < resources.call_timeout_s="
+                          f"{res.call_timeout_s:g} in mode {cfg.mode!r}: a teacher worker's correct() "
+                          "call would time out before the human teacher stops waiting")
