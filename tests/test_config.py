@@ -270,3 +270,11 @@ def test_train_refuses_a_bad_range_before_writing_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "total_steps: Input should be greater than or equal to 1 (got -3)" in err and "Traceback" not in err
     assert not (tmp_path / "neg").exists()
+
+
+def test_the_demo_finds_its_config():
+    """``make demo`` runs ``correction-rl demo`` with no flags: its default config must exist (a
+    module move once pointed it into the package)."""
+    from correction_rl.tools.demo import REPO
+
+    assert (REPO / "configs" / "demo.yaml").is_file() and (REPO / "pyproject.toml").is_file()

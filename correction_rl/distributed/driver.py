@@ -18,6 +18,7 @@ compared on the same config (benchmarks/bench_pipeline.py).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,8 @@ class Driver:
             note = (f"no checkpoint at step {self.version} ({type(ck_exc).__name__}: {ck_exc}); "
                     + (f"a resume will use {prev.path} (step {prev.step})" if prev else "no earlier checkpoint exists"))
         print(f"error: the run stopped at step {self.version}: {exc}\n{note}", flush=True)
-        exc.add_note(note)
+        if sys.version_info >= (3, 11):  # add_note is 3.11+; the note was printed above anyway
+            exc.add_note(note)
 
 
 def run(cfg: RunConfig):

@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # correction_rl/tools/demo.py -> the checkout
 
 
 def cli(argv: list[str]) -> int:
