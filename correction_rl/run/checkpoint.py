@@ -40,7 +40,9 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 CONFIG = "config.yaml"
-FORMAT = 1
+FORMAT = 2
+"""2: one state layout in every mode (``run/state.RunState``: ``streams`` replaced the
+in-process ``prompt_stream`` and the Ray ``rollout_workers``). 1: the layouts before it."""
 PREFIX = "step-"
 
 BREAKING_FIELDS: tuple[str, ...] = (
@@ -273,7 +275,8 @@ def verify(path: str | Path) -> Checkpoint:
     if not isinstance(state, dict) or not isinstance(config, dict):
         raise CheckpointError(f"{path}: {STATE} and {CONFIG} must each hold a mapping")
     if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path / STATE}: format {state.get('format')!r}, expected {FORMAT}")
+        raise CheckpointError(f"{path / STATE}: format {state.get('format')!r}, expected {FORMAT} "
+                              "(written by another version of correction_rl, whose state layout differs)")
     if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
         raise CheckpointError(f"{path / STATE}: step {state.get('step')!r} is not an integer")
     return Checkpoint(path=path, step=state["step"], state=state, config=config)

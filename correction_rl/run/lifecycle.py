@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from correction_rl.buffer.replay import BufferStateError
 from correction_rl.config import RunConfig, dump_config, to_dict
 from correction_rl.run.checkpoint import Checkpoint, CheckpointError, check_compatible, list_checkpoints, verify
 from correction_rl.run.directory import RunDirectory, RunDirectoryError
@@ -49,12 +50,15 @@ __all__ = [
     "load_report", "restore_newest", "run_session", "sample_or_collect", "save_report", "wandb_run_id",
 ]
 
-RESTORE_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ValueError, KeyError, TypeError, OSError)
-"""What makes a verified checkpoint unrestorable (reported, then the next older one is tried):
-a state of the wrong shape, a buffer state that disagrees with the log (``BufferStateError`` is
-a ``ValueError``), a learner state that does not load. ``ConfigMismatch`` is not among them in
-effect: it is raised before restoring, since an older checkpoint of the same run would not fit
-the config either."""
+RESTORE_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, BufferStateError, FileNotFoundError)
+"""What makes a verified checkpoint unrestorable (reported, then the next older one is tried): a
+state of the wrong shape or a learner version that does not match (``CheckpointError``), a
+buffer state that disagrees with the correction log (``BufferStateError``: a torn log after a
+kill), a file of it that is gone. Deliberately narrow: a timeout while restoring (a slow engine,
+a slow DeepSpeed load) says nothing about the checkpoint, and falling back then would silently
+drop the newer checkpoint's steps; a ``TypeError`` or ``KeyError`` is a bug and keeps its
+traceback. ``ConfigMismatch`` is not among them in effect: it is raised before restoring, since
+an older checkpoint of the same run would not fit the config either."""
 
 
 class Session(Protocol):
@@ -164,17 +168,19 @@ def restore_newest(session: Session, candidates: list[Checkpoint], cfg: RunConfi
     """Restore the newest of ``candidates`` that restores; each that does not is reported in one
     line and the next older one is tried. ``CheckpointError`` when none does."""
     now = to_dict(cfg)
+    last: BaseException | None = None
     for ckpt in candidates:
         check_compatible(ckpt, now)
         try:
             return ckpt, session.restore(ckpt)
         except RESTORE_ERRORS as exc:
+            last = exc
             reason = " ".join(str(exc).split()) or type(exc).__name__
             _warn(f"skipping unusable checkpoint {ckpt.path}: cannot restore it ({type(exc).__name__}: {reason})")
     raise CheckpointError(
         f"{cfg.run_dir}: no checkpoint could be restored ({len(candidates)} tried, see above); move the "
         "checkpoints directory away to start over, or set checkpoint.resume=never"
-    )
+    ) from last
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,10 @@ class TeacherWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.teacher = build_teacher(cfg)
-        self.ingest = Ingest.from_config(cfg, load_tokenizer(cfg.model.path))
+        # pi_ref on this worker's own device: a GPU only if its bundle holds one (Ray may one day
+        # stop hiding the node's GPUs from actors that asked for none)
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.ingest = Ingest.from_config(cfg, load_tokenizer(cfg.model.path), device=device)
         """The one owner of pi_ref in a Ray run (one per teacher worker)."""
         self.clock = BusyClock()
         self.skipped: dict[str, int] = {}
