@@ -205,7 +205,7 @@ def test_a_failed_start_leaves_no_run_directory_behind(tiny_model_dir, tmp_path)
         run(cfg)
     assert not (tmp_path / "runs" / "fails").exists()
 
-    def start(run_dir, ckpt):
+    def start(run_dir):
         raise RuntimeError("the driver could not start")
 
     existing = tmp_path / "runs" / "kept"

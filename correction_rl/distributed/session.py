@@ -18,7 +18,6 @@ from correction_rl.distributed.driver import Driver
 from correction_rl.distributed.settings import check_settings
 from correction_rl.run.checkpoint import Checkpoint
 from correction_rl.prompts.split import train_and_held_out
-from correction_rl.run.directory import RunDirectory
 from correction_rl.run.evaluation import EvalReport
 from correction_rl.run.lifecycle import RunResult, run_session
 from correction_rl.run.state import ResumeReport
@@ -69,7 +68,7 @@ class RaySession:
             self.cluster.shutdown()
 
 
-def start(cfg: RunConfig, run_dir: RunDirectory, ckpt: Checkpoint | None) -> RaySession:
+def start(cfg: RunConfig) -> RaySession:
     """Start (or join) Ray, place the actors and wait until they are up."""
     train_prompts, eval_prompts = train_and_held_out(cfg)
     init_ray(cfg)
@@ -84,4 +83,4 @@ def start(cfg: RunConfig, run_dir: RunDirectory, ckpt: Checkpoint | None) -> Ray
 def run(cfg: RunConfig) -> RunResult:
     """A whole Ray run: settings checked before anything starts, then the shared lifecycle."""
     check_settings(cfg)
-    return run_session(cfg, lambda run_dir, ckpt: start(cfg, run_dir, ckpt))
+    return run_session(cfg, lambda run_dir: start(cfg))

@@ -281,4 +281,4 @@ def _transport(cfg: RunConfig, learner: Learner, generator: Any):
 
 def run(cfg: RunConfig) -> RunResult:
     """Train ``cfg`` in this process, through the shared run lifecycle (``run_session``)."""
-    return run_session(cfg, lambda run_dir, ckpt: InProcessSession(cfg, run_dir.path))
+    return run_session(cfg, lambda run_dir: InProcessSession(cfg, run_dir.path))

@@ -187,9 +187,9 @@ def restore_newest(session: Session, candidates: list[Checkpoint], cfg: RunConfi
 # The lifecycle
 
 
-def run_session(cfg: RunConfig, start: Callable[[RunDirectory, Checkpoint | None], Session]) -> RunResult:
-    """Run ``cfg`` with the driver ``start`` builds (given the locked run directory and the
-    checkpoint a resume tries first, None for a fresh run); see the module docstring."""
+def run_session(cfg: RunConfig, start: Callable[[RunDirectory], Session]) -> RunResult:
+    """Run ``cfg`` with the driver ``start`` builds in the locked run directory (a resume hands
+    it the checkpoint later, through ``Session.restore``); see the module docstring."""
     from correction_rl.run.components import build_sink
 
     run_dir = RunDirectory.open(cfg.run_dir)
@@ -198,7 +198,7 @@ def run_session(cfg: RunConfig, start: Callable[[RunDirectory, Checkpoint | None
         if not candidates:
             run_dir.make_room(cfg.checkpoint.on_existing)
         dump_config(cfg, run_dir.path / "config.yaml")
-        session = start(run_dir, candidates[0] if candidates else None)
+        session = start(run_dir)
         sink = None
         try:
             before_path = run_dir.path / "eval_before.json"
