@@ -20,6 +20,14 @@ printed too (``wall_time_ratio*``).
 ``_common.LLAMA_SHAPES``, bf16, 16 pairs of 64 + 448 tokens): times are synchronised wall seconds
 (``time_ratio*`` are then wall ratios; the CPU-seconds fields are left out) and each mode adds
 its CUDA peak memory beyond the model (``{off,on,auto}_peak_gb``).
+
+``--checkpointing`` adds a fourth variant, ``ckpt``: the naive forward with HF gradient
+checkpointing on (the shared-prefix forward needs the KV cache, which HF turns off under
+checkpointing, so ``shared_prefix: on`` refuses it and ``auto`` falls back to naive). It reports
+``ckpt_time_ratio`` (ckpt / naive), ``shared_vs_ckpt_time`` (shared prefix / ckpt) and, for every
+variant, ``{mode}_saved_mb``: the activation bytes autograd holds for the backward at the end of
+the forward (the tensors packed by ``saved_tensors_hooks``, parameters excluded, each storage
+once), which is what checkpointing trades time for, on CPU and CUDA alike.
 """
 
 from __future__ import annotations
@@ -73,6 +81,43 @@ def step_seconds(model, batch, cfg: ObjectiveConfig, device: str = "cpu") -> tup
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def saved_activation_bytes(model, batch, cfg: ObjectiveConfig) -> int:
+    """Bytes autograd holds for the backward after one forward + loss (parameters excluded).
+
+    Counted through ``torch.autograd.graph.saved_tensors_hooks``: every tensor packed for the
+    backward, each storage once. Under non-reentrant checkpointing HF's own hooks take over
+    inside the checkpointed layers, so what they drop is (rightly) not counted.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            held[storage.data_ptr()] = max(held.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = correction_loss(score_pairs(model, batch, cfg), None, None, cfg, batch.noop)
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(held.values())
+
+
+class Checkpointed:
+    """Runs a step with HF gradient checkpointing on, and turns it off again afterwards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.gradient_checkpointing_enable()
+
+    def __exit__(self, *exc):
+        self.model.gradient_checkpointing_disable()
+
+
 def build(args):
     """The model under test: the project's char-level sizes on CPU, a ~0.5B/1B Llama on CUDA."""
     if args.device == "cuda":
@@ -102,6 +147,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5, 0.9])
     parser.add_argument("--size", help="tiny|base|small (cpu default small; tiny with --quick); 0.5b|1b (cuda default 0.5b)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also measure the naive forward under gradient checkpointing (mode 'ckpt')")
     add_device_argument(parser)
     args = parser.parse_args()
     check_device(args.device)
@@ -120,13 +167,23 @@ def main() -> None:
         batch, _ = collate_pairs(pairs, pad_id=0, max_seq_len=args.prompt + args.response, truncation="drop")
         batch = to_device(batch, args.device)
         cfgs = {mode: ObjectiveConfig(form="logistic", shared_prefix=mode) for mode in ("off", "on", "auto")}
-        for cfg in cfgs.values():  # warm-up (allocator, lazy init)
-            step_seconds(model, batch, cfg, args.device)
+        if args.checkpointing:
+            cfgs["ckpt"] = ObjectiveConfig(form="logistic", shared_prefix="auto")
+
+        def measure(mode: str) -> tuple[float, float]:
+            if mode != "ckpt":
+                return step_seconds(model, batch, cfgs[mode], args.device)
+            with Checkpointed(model):
+                return step_seconds(model, batch, cfgs[mode], args.device)
+
+        for mode in cfgs:  # warm-up (allocator, lazy init)
+            measure(mode)
         times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in cfgs}
         order = list(cfgs)
         for repeat in range(args.repeats):
-            for mode in order[repeat % 3 :] + order[: repeat % 3]:  # rotate: no variant always last
-                times[mode].append(step_seconds(model, batch, cfgs[mode], args.device))
+            shift = repeat % len(order)
+            for mode in order[shift:] + order[:shift]:  # rotate: no variant always last
+                times[mode].append(measure(mode))
         wall = {mode: statistics.median(w for _, w in t) for mode, t in times.items()}
         med = wall if cuda else {mode: statistics.median(c for c, _ in t) for mode, t in times.items()}
         extra = {}
@@ -137,6 +194,17 @@ def main() -> None:
                 extra[f"{mode}_peak_gb"] = round(peak / 1e9, 3)
                 extra[f"{mode}_s"] = round(wall[mode], 4)
             model.zero_grad(set_to_none=True)
+        if args.checkpointing:
+            for mode, cfg in cfgs.items():
+                if mode == "ckpt":
+                    with Checkpointed(model):
+                        saved = saved_activation_bytes(model, batch, cfg)
+                else:
+                    saved = saved_activation_bytes(model, batch, cfg)
+                extra[f"{mode}_saved_mb"] = round(saved / 1e6, 2)
+            extra["ckpt_time_ratio"] = round(med["ckpt"] / med["off"], 3)
+            extra["shared_vs_ckpt_time"] = round(med["on"] / med["ckpt"], 3)
+            extra["ckpt_cpu_s" if not cuda else "ckpt_s"] = round(med["ckpt"], 4)
         cpu_fields = {} if cuda else {"naive_cpu_s": round(med["off"], 4), "shared_cpu_s": round(med["on"], 4),
                                       "auto_cpu_s": round(med["auto"], 4)}
         print(

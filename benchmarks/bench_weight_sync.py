@@ -8,7 +8,13 @@ shared-memory write alone over the raw copy), and the messages per sync
 (buckets + 1 metadata message: must not grow with the parameter count). Every sync carries a
 new version, as in training. Usage:
 ``python benchmarks/bench_weight_sync.py [--sizes tiny small] [--repeats N] [--no-vllm] [--ray-workers N]
-[--no-collective]``.
+[--no-collective] [--lora RANK]``.
+With ``--lora RANK`` it measures instead, in one run and interleaved, a whole in-process sync
+(export inside ``start`` + load into the engine) of a full-fine-tuning learner and of a LoRA
+learner of rank RANK (adapter-only sync, ``learner.lora``), into the HF engine and (unless
+``--no-vllm``) the vLLM engine (a versioned ``LoRARequest``), one JSON line per size and engine with bytes,
+seconds and messages per sync for both and their ratios (targets for r=16 on ``small``: bytes
+<= 1/20, seconds <= 1/5; docs/lora.md).
 With ``--ray-workers N`` it also measures the distributed system's two Ray transports side by
 side, interleaved, into the same N rollout worker actors (HF engines): the object store
 (``ObjectStoreSync``) and the collective broadcast over a gloo weight group (``CollectiveSync``,
@@ -203,6 +209,66 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
         ray.shutdown()
 
 
+def bench_lora(size: str, rank: int, repeats: int, bucket_mb: int, root: Path, with_vllm: bool) -> None:
+    """Adapter-only vs full sync of the same model, through the same in-process transport, into
+    the HF engine and (unless ``--no-vllm``) the vLLM engine: one JSON line per engine."""
+    from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
+    from correction_rl.config.sections import LoRAConfig
+    from correction_rl.learner.backends import load_policy
+    from correction_rl.learner.learner import Learner
+
+    path = make_model(root / f"lora-{size}", size, seed=0)
+    lora = LoRAConfig(enabled=True, rank=rank, alpha=2.0 * rank)
+    learners = {}
+    for kind, cfg in (("full", LearnerConfig(backend="torch")),
+                      ("adapter", LearnerConfig(backend="torch", lora=lora))):
+        learner = Learner(load_policy(path, cfg, torch.float32), pad_id=0, learner_cfg=cfg,
+                          objective_cfg=ObjectiveConfig(), model_cfg=ModelConfig(), total_steps=1)
+        with torch.no_grad():  # moved weights, as after a step (LoRA's B starts at 0)
+            for p in learner.model.parameters():
+                if p.requires_grad:
+                    p.add_(1e-3)
+        learners[kind] = learner
+
+    def make_engine(name: str, kind: str):
+        adapter = lora if kind == "adapter" else None
+        if name == "hf":
+            return HFGenerator(path, lora=adapter)
+        from correction_rl.rollout.vllm import VLLMGenerator
+
+        return VLLMGenerator(path, max_model_len=256, kv_cache_gb=1, lora=adapter, lora_keep=3)
+
+    for name in ["hf"] + (["vllm"] if with_vllm else []):
+        runs = {}
+        try:
+            for kind, learner in learners.items():
+                engine = make_engine(name, kind)
+                runs[kind] = (learner, engine, InProcessSync([engine], timeout_s=600, source=learner,
+                                                              bucket_bytes=bucket_mb * 2**20), [])
+            for version in range(1, repeats + 2):  # interleaved: machine noise hits both alike
+                for kind, (learner, engine, sync, reports) in runs.items():
+                    reports.append(sync.start(version).wait())
+            line = {"bench": "weight_sync_lora", "size": size, "rank": rank, "engine": name,
+                    "transport": "in_process", "bucket_mb": bucket_mb, "repeats": repeats,
+                    "threads": torch.get_num_threads()}
+            for kind, (learner, engine, sync, reports) in runs.items():
+                steady = reports[1:]  # the first sync re-homes the engine's parameters
+                line[f"{kind}_bytes"] = steady[0].num_bytes
+                line[f"{kind}_sync_s"] = round(statistics.median(r.seconds for r in steady), 5)
+                line[f"{kind}_num_messages"] = steady[0].num_messages
+                line[f"{kind}_num_tensors"] = len(list(learner.named_weights()))
+                line[f"{kind}_trainable_params"] = sum(p.numel() for p in learner.model.parameters()
+                                                       if p.requires_grad)
+        finally:
+            for _, engine, _, _ in runs.values():
+                engine.close()
+        line["bytes_ratio"] = round(line["adapter_bytes"] / line["full_bytes"], 4)
+        line["time_ratio"] = round(line["adapter_sync_s"] / line["full_sync_s"], 4)
+        line["targets"] = {"bytes_ratio": 1 / 20, "time_ratio": 1 / 5}
+        line["meets_targets"] = line["bytes_ratio"] <= 1 / 20 and line["time_ratio"] <= 1 / 5
+        print(json.dumps(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="*", default=["tiny", "small"])
@@ -219,9 +285,15 @@ def main() -> None:
         "machine every multi-threaded op waits for a descheduled OpenMP thread (~15 ms each), "
         "which swamps the copies being measured",
     )
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="compare an adapter-only sync of rank RANK with a full sync (and nothing else)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.lora:
+            for size in args.sizes:
+                bench_lora(size, args.lora, args.repeats, args.bucket_mb, Path(tmp), not args.no_vllm)
+            return
         for size in args.sizes:
             bench_size(size, args.repeats, args.bucket_mb, not args.no_vllm, Path(tmp))
         if args.ray_workers:

@@ -26,11 +26,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("correction_rl.train", "Run correction optimization from a config."),
     "demo": ("correction_rl.tools.demo", "The README's demo: warm start, then a short real training run."),
     "config": ("correction_rl.config_cli", "Validate a config, print the resolved one or all fields."),
-    "report": ("correction_rl.observe.report", "PNG plots and an HTML summary page from a run directory."),
+    "report": ("correction_rl.observe.report",
+               "PNG plots and an HTML summary page from a run directory (a sweep directory: its table)."),
+    "sweep": ("correction_rl.sweep.command", "Run a sweep spec (arms x grid x seeds) on Ray; results.jsonl per sweep."),
     "prompts": ("correction_rl.prompts.files", "Export a task's prompts as a JSONL prompt file."),
     "human-queue": ("correction_rl.teachers.human.offline",
                     "Export open human-teacher items to JSONL / import corrections from JSONL."),
 }
+
+
+def _is_sweep_dir(path: str) -> bool:
+    from correction_rl.sweep.plan import is_sweep_dir
+
+    return is_sweep_dir(path)
 
 
 def usage() -> str:
@@ -56,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"correction-rl: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USAGE
 
+    module = COMMANDS[command][0]
+    if command == "report" and rest and not rest[0].startswith("-") and _is_sweep_dir(rest[0]):
+        module = "correction_rl.sweep.report"  # `report SWEEP_DIR`: the sweep's comparison table
+
     def call(args: list[str]) -> int | None:
-        return importlib.import_module(COMMANDS[command][0]).cli(args)
+        return importlib.import_module(module).cli(args)
 
     return run_cli(call, rest, debug=debug)
 

@@ -33,9 +33,17 @@ class Prompt:
     answer: str | None = None
     """Canonical answer when the task knows it (oracle teachers); None for open-ended prompts."""
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None
+    """A chat conversation ``[{"role": ..., "content": ...}]`` ending with the ``user`` turn the
+    policy answers. When set, it (not ``text``) is what the policy's chat template renders
+    (``prompts/render.py``); ``text`` then holds the last user message, for oracles, logs and
+    tables. None: the prompt is ``text`` alone (one user turn under a chat template)."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["messages"] is None:
+            del out["messages"]  # prompt files written before conversations existed stay the same
+        return out
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "Prompt":
@@ -54,6 +62,12 @@ class Rollout:
     finish_reason: FinishReason = "stop"
     logprobs: list[float] | None = None
     """Engine-side per-token log-probs of ``response_ids`` (for engine/learner mismatch checks)."""
+    stop_id: int | None = None
+    """The stop token the policy produced when ``finish_reason == "stop"`` (one of the model's
+    declared stop ids: ``<|im_end|>`` or ``<|endoftext|>`` for a ChatML model). It is not part of
+    ``response_ids``; the pair puts exactly this id back (``pairs/make.py``). None when the
+    response was cut at the length limit, or for rollouts made before it was recorded (the pair
+    then uses the tokenizer's eos)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"pairs", "buffer", "learner"},  # corrections -> pairs -> buffer -> learner
     {"observe"},  # metrics, progress, report
     {"run"},  # the lifecycle and the in-process loop
-    {"distributed"},  # the Ray wing: the only package that imports ray
+    {"distributed", "sweep"},  # the Ray wing (the only package that imports ray); sweeps of runs
     {"tools", "train", "cli", "config_cli", "__init__", "__main__"},  # entry points
 ]
 

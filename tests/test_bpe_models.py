@@ -181,7 +181,9 @@ def test_vllm_greedy_equals_hf(trained_chat_dir):
     prompts = [p for p, _, _ in CHAT_EXAMPLES] + ["rev:hello="]  # untrained prompts can near-tie
     prompt_ids = [chat_ids(tok, p) for p in prompts]
     expected = [hf_greedy(model, ids, 12) for ids in prompt_ids]
-    engine = VLLMGenerator(trained_chat_dir, max_model_len=256, kv_cache_gb=1, seed=0)
+    # the prompts below are already rendered ChatML text: ``none`` tokenizes them as they are
+    # (``auto`` would wrap them in the template again; tests/test_chat_template.py covers ``auto``)
+    engine = VLLMGenerator(trained_chat_dir, max_model_len=256, kv_cache_gb=1, seed=0, chat_template="none")
     try:
         outs = engine.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                                    SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
@@ -193,7 +195,8 @@ def test_vllm_greedy_equals_hf(trained_chat_dir):
         rollouts = engine.generate([Prompt(prompt_id=f"p{i}", text=chatml([{"role": "user", "content": p}]))
                                     for i, p in enumerate(prompts)], Sampling(max_new_tokens=12, temperature=0.0))
         assert [r.prompt_ids for r in rollouts] == prompt_ids
-        # (the generator cuts at the tokenizer's one eos: wiring every stop id is a later step)
-        assert [r.response_text for r in rollouts[:4]] == [a for _, a, _ in CHAT_EXAMPLES[:4]]
+        # the generator cuts at every declared stop id and records which one it met
+        assert [r.response_text for r in rollouts[:5]] == [a for _, a, _ in CHAT_EXAMPLES]
+        assert [r.stop_id for r in rollouts[:5]] == [tok.convert_tokens_to_ids(s) for _, _, s in CHAT_EXAMPLES]
     finally:
         engine.close()

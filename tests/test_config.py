@@ -50,7 +50,7 @@ def test_parse_overrides_types():
         (["--objective.length_prior.meen", "2"], ["objective.length_prior.meen", "length_prior.mean"]),
         (["--learner.lr", "fast"], ["learner.lr:", "valid number", "'fast'"]),
         (["--resources.num_rollout_workers", "1.5"], ["resources.num_rollout_workers:", "1.5"]),
-        (["--objective.form", "dpx"], ["objective.form:", "'plain', 'logistic', 'dpo', 'ipo' or 'cpl'", "'dpx'"]),
+        (["--objective.form", "dpx"], ["objective.form:", "'plain', 'logistic', 'dpo', 'ipo', 'cpl' or 'sft'", "'dpx'"]),
         (["--learner.zero_stage", "5"], ["learner.zero_stage:", "0, 1, 2 or 3", "5"]),
         (["--learner", "3"], ["learner:", "3"]),
         (["--task.names", "addition"], ["task.names:", "valid list"]),

@@ -5,6 +5,7 @@ read without reading the file). Hub ids need a machine that reaches the hub: not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_chat_messages_field(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     prompts = load_prompts(DatasetSource(str(path), fields=FieldMap(messages="conv", id="id")))
     assert [p.text for p in prompts] == ["Hi there", "2+2?"]
-    assert prompts[0].meta["messages"] == rows[0]["conv"]
+    assert prompts[0].messages == rows[0]["conv"] and "messages" not in prompts[0].meta
     bad = write_jsonl(tmp_path / "bad_chat.jsonl", rows + [
         {"id": 2, "conv": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
     with pytest.raises(DatasetError, match=r"bad_chat.jsonl: row 2: field 'conv' \(messages\) must end with a 'user' turn"):
@@ -199,3 +200,73 @@ def test_large_file_streams_lazily(tmp_path, kind):
     assert t_first < t_all / 5, (t_first, t_all)
     held = list(iter_prompts(src, "held_out", held_out_fraction=0.01, seed=0, limit=20))
     assert len(held) == 20 and all(is_held_out(p.meta["key"], 0, 0.01) for p in held)
+
+
+# --- from a config: task.dataset and its field mapping ------------------------------------------
+
+
+def _cfg(tmp_path, **task):
+    from correction_rl.config import load_config
+
+    return load_config(overrides={"task": task, "teacher": {"kind": "human"}, "eval": {"teacher": "run", "num_prompts": 5}})
+
+
+def test_config_dataset_gives_the_runs_train_and_held_out_prompts(tmp_path):
+    from correction_rl.prompts.render import PromptRenderer
+    from correction_rl.prompts.split import train_and_held_out
+    from correction_rl.models import build_family_tokenizer
+
+    rows = [{"uid": f"c{i}", "conv": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Fix: teh {i}"}],
+             "ref": f"the {i}"} for i in range(60)]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    fields = dict(dataset=str(path), messages_field="conv", answer_field="ref", id_field="uid", held_out_fraction=0.25)
+    cfg = _cfg(tmp_path, **fields)
+    train, held_out = train_and_held_out(cfg)
+    assert len(held_out) == 5 and {p.prompt_id for p in train}.isdisjoint(p.prompt_id for p in held_out)
+    everything = list(iter_prompts(DatasetSource(str(path), fields=FieldMap(messages="conv", answer="ref", id="uid")),
+                                   "held_out", 0.25, 0))
+    assert len(train) + len(everything) == 60 and [p.prompt_id for p in held_out] == [p.prompt_id for p in everything[:5]]
+    assert train[0].messages == rows[int(train[0].meta["key"][1:])]["conv"] and train[0].answer is not None
+    # the same rows whatever the run's seed; another split_seed moves them
+    again, _ = train_and_held_out(dataclasses.replace(cfg, seed=cfg.seed + 7))
+    assert [p.prompt_id for p in again] == [p.prompt_id for p in train]
+    moved, _ = train_and_held_out(_cfg(tmp_path, split_seed=1, **fields))
+    assert {p.prompt_id for p in moved} != {p.prompt_id for p in train}
+    # a dataset conversation renders through the chat template, system turn included
+    tok = build_family_tokenizer("bpe", chat=True)
+    text = PromptRenderer.build(tok).text(train[0])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nFix: teh") and text.endswith("assistant\n")
+
+
+def test_config_dataset_errors(tmp_path):
+    from correction_rl.config import ConfigError, load_config
+    from correction_rl.prompts.split import train_and_held_out
+
+    good = [{"q": f"question {i}"} for i in range(30)]
+    bad = write_jsonl(tmp_path / "bad.jsonl", good + [{"q": "  "}] + good)
+    cfg = _cfg(tmp_path, dataset=str(bad), prompt_field="q")
+    with pytest.raises(DatasetError, match=r"bad.jsonl: row 30: field 'q' \(prompt\) is empty"):
+        train_and_held_out(cfg)  # nothing comes back: the whole set is validated first
+    missing = _cfg(tmp_path, dataset=str(write_jsonl(tmp_path / "ok.jsonl", good)), prompt_field="question")
+    with pytest.raises(DatasetError, match=r"ok.jsonl: row 0: missing field 'question' \(absent\)"):
+        train_and_held_out(missing)
+    with pytest.raises(DatasetError, match="empty.jsonl: empty dataset"):
+        train_and_held_out(_cfg(tmp_path, dataset=str(write_jsonl(tmp_path / "empty.jsonl", [])), prompt_field="q"))
+    with pytest.raises(ConfigError, match=r"task.dataset: no such file or directory"):
+        load_config(overrides={"task": {"dataset": str(tmp_path / "nope.jsonl")}}, check_paths=True)
+    with pytest.raises(ConfigError, match=r"task.held_out_fraction"):
+        load_config(overrides={"task": {"held_out_fraction": 0}})
+    with pytest.raises(ConfigError, match=r"task.promt_field"):
+        load_config(overrides={"task": {"promt_field": "q"}})
+    oracle = load_config(overrides={"task": {"dataset": str(tmp_path / "ok.jsonl"), "prompt_field": "q"}})
+    with pytest.raises(ConfigError, match="task.dataset: dataset prompts carry no task an oracle can check"):
+        train_and_held_out(oracle)
+
+
+def test_dataset_fields_are_described():
+    from correction_rl.config.describe import describe
+
+    lines = "\n".join(describe())
+    for name in ("task.dataset", "task.messages_field", "task.held_out_fraction", "task.split_seed",
+                 "model.chat_template", "model.system_prompt"):
+        assert name in lines, name

@@ -207,3 +207,35 @@ def test_metrics_are_floats():
     metrics = out.metrics(prefix="train/")
     assert set(metrics) >= {"train/loss", "train/margin", "train/num_noop", "train/accuracy"}
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_sft_is_minus_log_pi_y_prime_and_ignores_y():
+    # eq. 7: loss = mean(-c) = (2 + 1) / 2; d/dc = -1/n each, y gets no gradient at all
+    out, s = loss_of("sft")
+    assert out.loss.item() == pytest.approx(1.5)
+    out.loss.backward()
+    assert s.chosen_logps.grad.tolist() == [-0.5, -0.5]
+    assert s.rejected_logps.grad is None or s.rejected_logps.grad.tolist() == [0.0, 0.0]
+    assert not needs_reference(ObjectiveConfig(form="sft"))
+
+
+def test_sft_trains_noop_pairs_unless_dropped():
+    noop = torch.tensor([True, False])
+    kept, s = loss_of("sft", noop=noop, noop_policy="keep")
+    assert kept.loss.item() == pytest.approx(1.5)  # y' == y is still a target: -(-2 - 1) / 2
+    kept.loss.backward()
+    assert s.chosen_logps.grad.tolist() == [-0.5, -0.5]
+    dropped, s = loss_of("sft", noop=noop, noop_policy="drop")
+    assert dropped.loss.item() == pytest.approx(1.0) and dropped.num_counted == 1
+    dropped.loss.backward()
+    assert s.chosen_logps.grad.tolist() == [0.0, -1.0]
+    # anchor_only needs no anchor weight for sft (the form is the anchor) and equals keep
+    only, _ = loss_of("sft", noop=noop, noop_policy="anchor_only")
+    assert only.loss.item() == pytest.approx(1.5)
+
+
+def test_sft_plus_anchor_weight_adds_the_anchor():
+    out, _ = loss_of("sft", anchor_weight=0.5)
+    assert out.loss.item() == pytest.approx(1.5 * 1.5)
+    with pytest.raises(ValueError, match="anchor_weight > 0"):
+        loss_of("logistic", noop_policy="anchor_only")

@@ -64,3 +64,24 @@ def test_oracle_errors_name_the_prompt():
 
 def test_empty_batch():
     assert OracleTeacher().correct([]) == []
+
+
+def test_reference_correction_is_the_gold_answer_whatever_y_was():
+    teacher = OracleTeacher(correction="reference")
+    add = get_task("addition").make_prompt("37+85=")
+    rev = get_task("reverse").make_prompt("rev:abcde=")
+    got = teacher.correct([rollout(add, "0123"), rollout(add, "0122"), rollout(rev, "edcab"), rollout(rev, "edcba")])
+    # minimal would keep "0122" (a right spelling) and fix "0123" to "0122"; reference rewrites both
+    assert [c.corrected_text for c in got] == ["122", "122", "edcba", "edcba"]
+    assert [c.corrected_text for c in OracleTeacher().correct([rollout(add, "0123")])] == ["0122"]
+    with pytest.raises(ValueError, match="oracle_correction"):
+        OracleTeacher(correction="gold")  # type: ignore[arg-type]
+
+
+def test_config_oracle_correction_reaches_the_teacher():
+    from correction_rl.config import RunConfig, TeacherConfig
+    from correction_rl.run.components import build_teacher
+
+    cfg = RunConfig(teacher=TeacherConfig(oracle_correction="reference"))
+    assert build_teacher(cfg).correction == "reference"
+    assert build_teacher(RunConfig()).correction == "minimal"

@@ -67,3 +67,31 @@ def test_warm_start_lands_in_the_band(tmp_path):
     assert greedy_accuracy(HFGenerator(model, tok), get_task("reverse"), held_out, max_new) == pytest.approx(
         record["accuracy"]
     )
+
+
+def test_several_tasks_train_one_policy_and_record_each_accuracy(tmp_path):
+    """``--task reverse sorting``: batches interleave the tasks, each task is checked on its own
+    held-out prompts, the stopping rule reads their mean, and the knobs reach the right task."""
+    lines: list[str] = []
+    out = tmp_path / "two"
+    cfg = WarmStartConfig(task="reverse", extra_tasks=("sorting",), difficulty={"sorting.max_len": 3},
+                          batch_size=8, num_eval=6, warmup_steps=1, eval_every=2, max_steps=2)
+    result = warm_start(cfg, out, log=lines.append)
+    assert set(result.accuracy_by_task) == {"reverse", "sorting"}
+    assert result.accuracy == pytest.approx(sum(result.accuracy_by_task.values()) / 2)
+    assert "(reverse " in lines[0] and ", sorting " in lines[0]
+    saved = json.loads((out / "correction_rl.json").read_text())
+    assert saved["tasks"] == ["reverse", "sorting"]
+    knobs = json.loads((out / "warmstart.json").read_text())["config"]["knobs"]
+    assert knobs["sorting"]["max_len"] == 3 and knobs["reverse"]["max_len"] == 7
+    # one batch holds both tasks, alternating
+    from correction_rl.tools.warmstart import _interleave
+    import itertools
+    mixed = list(itertools.islice(_interleave([get_task("reverse").stream("train", 0),
+                                               get_task("sorting").stream("train", 0)]), 4))
+    assert [p.task for p in mixed] == ["reverse", "sorting", "reverse", "sorting"]
+    with pytest.raises(ValueError, match="named twice"):
+        train(WarmStartConfig(task="reverse", extra_tasks=("reverse",)))
+    from correction_rl.errors import UserError
+    with pytest.raises(UserError, match="sortng"):
+        cli(["--task", "reverse", "sortng", "--out", str(tmp_path / "bad")])

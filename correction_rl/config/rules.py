@@ -66,6 +66,25 @@ def _env_var_name(value: str) -> str:
     return value
 
 
+def _chat_template(value: str, info: ValidationInfo) -> str:
+    """``auto``, ``none`` or a template file; the file must exist when paths are checked."""
+    if value in ("auto", "none"):
+        return value
+    return _existing_path(value, info) or value
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _dataset_path(value: str | None, info: ValidationInfo) -> str | None:
+    """A local dataset must exist (when paths are checked); a hub id ``owner/name`` (no file
+    suffix) is only checked when it is opened."""
+    if value is None or (_HUB_ID.match(value) and not value.endswith(_DATA_SUFFIXES) and not Path(value).exists()):
+        return value
+    return _existing_path(value, info)
+
+
 def _known_tasks(names: list[str]) -> list[str]:
     from correction_rl.tasks.registry import task_names
 
@@ -111,6 +130,10 @@ EnvVarName = Annotated[str, AfterValidator(_env_var_name), Rule(r"an environment
 """The name of an environment variable holding a secret (never the secret)."""
 ExistingPath = Annotated[str, AfterValidator(_existing_path), Rule("must exist")]
 """A file or directory this machine must have (checked by ``train`` and ``config``)."""
+ChatTemplate = Annotated[str, AfterValidator(_chat_template), Rule("auto, none, or a Jinja template file that must exist")]
+"""``model.chat_template``: the tokenizer's own template, none, or a template file."""
+DatasetPath = Annotated[str, AfterValidator(_dataset_path), Rule("a local path that must exist, or a hub id owner/name")]
+"""``task.dataset``: a JSONL / parquet file, a directory of them, a ``save_to_disk`` directory, or a hub id."""
 TaskNames = Annotated[list[str], MinLen(1), AfterValidator(_known_tasks), Rule(_known_task_text)]
 """Registered task names (``correction_rl/tasks``), at least one."""
 

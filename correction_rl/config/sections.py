@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Annotated, Literal
 
-from annotated_types import Interval
+from annotated_types import Interval, MinLen
 
 from correction_rl.config.rules import (
+    ChatTemplate,
     Count,
+    DatasetPath,
     ExistingPath,
     Fraction,
     NonNegFloat,
@@ -35,6 +37,14 @@ class ModelConfig:
     """Pairs longer than ``max_seq_len``: drop them (counted) or cut both responses at the limit."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more learner time)."""
+    chat_template: ChatTemplate = "auto"
+    """How a prompt becomes the policy's input: ``auto`` renders it with the tokenizer's chat
+    template when it has one (else the plain text), ``none`` always tokenizes the plain text, a
+    path names a Jinja chat template file. The same rendering in HF and vLLM rollouts,
+    evaluation and pi_ref scoring (docs/models.md)."""
+    system_prompt: str | None = None
+    """System turn put first in every conversation that has none of its own (needs a chat
+    template)."""
 
 
 @section
@@ -50,6 +60,31 @@ class TaskConfig:
     """Training prompts generated per task (disjoint from the held-out split)."""
     num_eval: Count = 200
     """Held-out prompts per task used by evaluation."""
+    dataset: DatasetPath | None = None
+    """Prompts from a dataset instead of the tasks: a ``.jsonl``/``.json``/``.parquet`` file, a
+    directory of such files, a ``save_to_disk`` directory, or a hub id ``owner/name`` (needs a
+    machine that reaches the hub). Its rows are split into training and held-out prompts by
+    ``held_out_fraction`` and ``split_seed``; they carry no task an oracle can check, so use an
+    LLM or human teacher and ``eval.teacher: run`` (docs/models.md)."""
+    dataset_split: str = "train"
+    """The dataset's own split to read (``save_to_disk`` ``DatasetDict`` keys, hub splits; local
+    files have one split, ``train``)."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt text (a non-empty string); unused when ``messages_field`` is set."""
+    messages_field: str | None = None
+    """Column holding a chat conversation (a list of ``{role, content}`` ending with a user turn),
+    rendered with ``model.chat_template``; takes precedence over ``prompt_field``."""
+    answer_field: str | None = None
+    """Column holding a reference answer (a string or null), kept with the prompt for evaluation."""
+    id_field: str | None = None
+    """Column holding a stable row id (string or int): the prompt id and the split key, so the
+    split survives reordering and appending rows. None: the row index."""
+    held_out_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.05
+    """Share of the dataset's rows held out for evaluation (decided row by row from a hash of
+    ``split_seed`` and the row key; never trained on)."""
+    split_seed: int = 0
+    """Seed of the train / held-out split; separate from the run's ``seed`` so runs with
+    different seeds train and evaluate on the same rows."""
 
 
 @section
@@ -68,6 +103,12 @@ class RolloutConfig:
     """``VLLM_CPU_KVCACHE_SPACE`` for the CPU build; ignored on GPU."""
     vllm_gpu_memory_utilization: Fraction = 0.3
     """Fraction of GPU memory a vLLM engine may take (GPU only)."""
+    policy: Literal["current", "initial"] = "current"
+    """Which policy the training rollouts come from: ``current`` (on-policy: the engines get the
+    learner's weights every ``sync.every_steps``) or ``initial`` (offline corrections: the engine
+    keeps the starting policy for the whole run, so every correction is one of pi_init's
+    responses; staleness is then not bounded and evaluation uses a second engine that does get
+    the new weights). ``mode: inprocess`` only (docs/objectives.md, "Experiment knobs")."""
 
 
 @section
@@ -80,8 +121,9 @@ class LengthPriorConfig:
 
 @section
 class ObjectiveConfig:
-    form: Literal["plain", "logistic", "dpo", "ipo", "cpl"] = "dpo"
-    """Which amount-of-correction loss to minimize (docs/objectives.md)."""
+    form: Literal["plain", "logistic", "dpo", "ipo", "cpl", "sft"] = "dpo"
+    """Which amount-of-correction loss to minimize (docs/objectives.md); ``sft`` is the
+    non-pairwise baseline -log pi(y'|x) alone (supervised fine-tuning on the teacher's y')."""
     beta: PosFloat = 0.1
     """Inverse temperature on log-ratios (logistic, dpo, ipo, cpl)."""
     label_smoothing: Annotated[float, Interval(ge=0, lt=0.5)] = 0.0
@@ -132,6 +174,28 @@ class BufferConfig:
 
 
 @section
+class LoRAConfig:
+    enabled: bool = False
+    """Train a LoRA adapter (``peft``) instead of every weight: only the adapter gets gradients and
+    optimizer state, syncs ship only the adapter, and pi_ref is the base with the adapter
+    disabled (docs/lora.md)."""
+    rank: Count = 16
+    """Adapter rank r (the inner dimension of B @ A)."""
+    alpha: PosFloat = 32.0
+    """LoRA alpha; the adapter's output is scaled by alpha / rank."""
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
+    """Dropout on the adapter's input during training (0 keeps learner and engines bit-identical
+    in greedy decoding; dropout is off in evaluation either way)."""
+    target_modules: Annotated[list[str], MinLen(1)] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names (last path component) of the Linear layers that get an adapter, e.g. ``q_proj``,
+    ``v_proj``, ``gate_proj``; a name no layer of the policy has is an error."""
+    export: Literal["merged", "adapter"] = "merged"
+    """How ``<run_dir>/policy`` is written at the end: ``merged`` (a plain HF model, W0 + scale *
+    B @ A) or ``adapter`` (a peft adapter directory over ``model.path``)."""
+
+
+@section
 class LearnerConfig:
     backend: Literal["deepspeed", "torch"] = "deepspeed"
     """DeepSpeed engine (ZeRO) or a plain torch optimizer (tiny runs, debugging)."""
@@ -162,6 +226,8 @@ class LearnerConfig:
     zero_init: bool = True
     """With ZeRO-3, build the model inside ``deepspeed.zero.Init`` so each rank only ever holds
     its partition of the weights (no whole model on one device)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapter training (off by default; docs/lora.md)."""
 
 
 @section
@@ -182,6 +248,10 @@ class SyncConfig:
     fractional GPUs may put two members on one device, which NCCL refuses), else
     ``object_store``, because on one CPU node the object store is shared memory and is faster
     than a gloo broadcast over loopback (docs/rollout.md)."""
+    lora_merge: bool = False
+    """With ``learner.lora.enabled``: merge the adapter into the base weights on the learner and
+    ship full weights (for engines without LoRA support), instead of shipping only the adapter
+    tensors (docs/lora.md)."""
 
 
 @section
@@ -192,6 +262,10 @@ class EvalConfig:
     """Held-out prompts per task per evaluation."""
     sampled: bool = True
     """Also evaluate with sampled decoding (at the rollout temperature), not only greedy."""
+    tasks: TaskNames | None = None
+    """Tasks evaluated on held-out prompts; None: the training tasks (``task.names``). Name tasks
+    you do not train on to measure what training on one task does to another (per-task metrics
+    are logged as ``eval/<mode>/<task>/<metric>``)."""
     teacher: Literal["oracle", "run"] = "oracle"
     """Who measures held-out correction: the task oracle (free, exact; the default) or the run's
     own teacher (``run``: for prompts without an oracle; costs teacher calls, and a human teacher

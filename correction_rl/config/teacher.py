@@ -94,6 +94,17 @@ class TeacherConfig:
     kind: Literal["oracle", "vllm", "http", "human"] = "oracle"
     """Who corrects: a program that knows the answer, a local vLLM model, an HTTP endpoint, or
     people in a web app (``human``, docs/human-teachers.md)."""
+    oracle_correction: Literal["minimal", "reference"] = "minimal"
+    """``kind: oracle``: y' is the minimal edit of y (``minimal``, the definition of a
+    correction) or the task's reference answer whatever y was (``reference``: a full rewrite,
+    so with ``objective.form: sft`` this is SFT on gold and with ``dpo`` preference pairs
+    (gold, y); a right y that differs from the canonical spelling is still replaced)."""
+    max_calls: NonNegInt = 0
+    """Stop training once this many rollouts have been sent to the teacher (0: no limit; the
+    run then ends at ``total_steps``): arms of an experiment spend the same budget whatever
+    their objective does with no-op pairs. Calls are logged as the cumulative ``teacher/calls``;
+    the step that crosses the budget finishes, so a run may overshoot by up to one collection
+    round (``rollout.batch_size``). ``mode: inprocess`` only."""
     timeout_s: PosFloat = 60.0
     """Per-request timeout; a timed-out correction is retried or dropped with reason ``timeout``."""
     template: str = "instruct"

@@ -112,7 +112,7 @@ class TorchBackend:
         """Model, fp32 masters (mixed precision), AdamW moments and LR-schedule position: what an
         exact resume needs (the bf16 model alone would lose the masters' sub-ulp progress)."""
         state = {
-            "model": self.model.state_dict(),
+            "model": trainable_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -121,7 +121,7 @@ class TorchBackend:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.mixed:
@@ -137,6 +137,33 @@ class TorchBackend:
 
     def load(self, directory: Path) -> None:
         self.load_state_dict(torch.load(directory / "learner.pt", map_location="cpu", weights_only=False))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's part of a learner checkpoint: the whole ``state_dict``, or with LoRA only
+    what training changes (the adapter): the frozen base is ``model.path`` itself, and saving it
+    every checkpoint would cost a model's worth of disk for nothing (docs/lora.md)."""
+    state = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if len(trainable) == len(list(model.parameters())):
+        return state
+    return {n: t for n, t in state.items() if n in trainable}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``trainable_state``: a full state loads strictly; an adapter-only one must
+    cover exactly the trainable parameters (a LoRA checkpoint into a full learner, or the other
+    way round, fails naming what is missing)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if len(trainable) == len(list(model.parameters())):
+        model.load_state_dict(state)
+        return
+    missing, unexpected = trainable - set(state), set(state) - trainable
+    if missing or unexpected:
+        raise ValueError(f"learner checkpoint does not match this learner's trainable (LoRA) parameters: "
+                         f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]} "
+                         f"(learner.lora must match the checkpoint's)")
+    model.load_state_dict(state, strict=False)
 
 
 def ensure_process_group(backend: str) -> None:
@@ -323,12 +350,14 @@ class DeepSpeedBackend:
 
     def save(self, directory: Path, rank: int) -> None:
         """DeepSpeed's own checkpoint (every rank writes its ZeRO shard: a collective)."""
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.lora.enabled)
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(
             str(directory / "deepspeed"), tag="state",
             load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=not self.cfg.lora.enabled,  # LoRA: the adapter only (frozen base excluded)
         )
         if path is None:
             raise FileNotFoundError(f"{directory / 'deepspeed'}: no DeepSpeed checkpoint 'state'")

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import torch
 
 from correction_rl.learner.backends import DeepSpeedBackend, TorchBackend, resolve_dtype
+from correction_rl.learner import lora
 from correction_rl.learner.collate import collate_pairs
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
 from correction_rl.learner.objectives import correction_loss
@@ -59,8 +60,10 @@ class Learner:
         model_cfg: ModelConfig,
         total_steps: int,
         device: str | None = None,
+        lora_merge: bool = False,
     ):
         self.cfg = learner_cfg
+        self.lora_merge = lora_merge  # sync.lora_merge: export merged weights instead of the adapter
         self.objective = objective_cfg
         self.model_cfg = model_cfg
         self.pad_id = pad_id
@@ -71,6 +74,8 @@ class Learner:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         model.train()
+        if learner_cfg.lora.enabled:  # only the adapter requires grad from here on (learner/lora.py)
+            model = lora.wrap(model, learner_cfg.lora, model_cfg.gradient_checkpointing)
         if learner_cfg.backend == "deepspeed":
             self.backend = DeepSpeedBackend(model, learner_cfg, total_steps, self.dtype)
         else:
@@ -224,8 +229,14 @@ class Learner:
 
         Under ZeRO-3 each parameter is partitioned across ranks; it is gathered one layer at a
         time so that exporting never needs the whole model twice in memory.
+
+        With LoRA: the adapter's tensors alone (an adapter-only sync), or, with
+        ``sync.lora_merge``, every base weight with the adapter folded in (``learner/lora.py``).
         """
         module = self.model
+        if self.cfg.lora.enabled:
+            yield from (lora.merged_weights if self.lora_merge else lora.adapter_weights)(module, self._gather())
+            return
         if self.cfg.backend == "deepspeed" and self.cfg.zero_stage == 3:
             import deepspeed
 
@@ -236,7 +247,30 @@ class Learner:
         for name, param in module.named_parameters():
             yield name, param.detach()
 
+    def _gather(self):
+        """ZeRO-3's ``GatheredParameters`` (whole parameters on every rank), else a no-op."""
+        if self.cfg.backend == "deepspeed" and self.cfg.zero_stage == 3:
+            import deepspeed
+
+            return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return lora._no_gather
+
+    def reference_mode(self):
+        """Context in which ``self.model`` is pi_ref: the LoRA base with the adapter disabled
+        (docs/lora.md). Only a LoRA learner has one; a full fine-tune moves every weight."""
+        if not self.cfg.lora.enabled:
+            raise ValueError("Learner.reference_mode needs learner.lora.enabled (a full fine-tune "
+                             "keeps no untouched copy of the starting policy)")
+        return lora.reference_mode(self.model)
+
     def save_pretrained(self, path) -> None:
-        """Save the current policy as a standard HF directory (rank 0 writes)."""
+        """Save the current policy as a standard HF directory (rank 0 writes). With LoRA,
+        ``learner.lora.export`` picks a merged HF model or a peft adapter directory."""
+        if self.cfg.lora.enabled:
+            if self.cfg.lora.export == "adapter":
+                lora.save_adapter(self.model, path)
+            else:
+                lora.save_merged(self.model, path, self._gather())
+            return
         state = {name: t.to("cpu") for name, t in self.named_weights()}
         self.model.save_pretrained(path, state_dict=state)

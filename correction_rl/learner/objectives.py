@@ -14,9 +14,12 @@ logistic   beta (c - r) + p                                  -(1-e) log s(u) - e
 dpo        beta ((c - c_ref) - (r - r_ref)) + p              -(1-e) log s(u) - e log s(-u)  (eq. 3)
 ipo        beta ((c - c_ref) - (r - r_ref)) + p              (u / beta - 1 / (2 beta))^2    (eq. 4)
 cpl        beta (c - lambda r) + p                           -log s(u)                      (eq. 5)
+sft        (none: not pairwise)                              -c                             (eq. 7)
 =========  ===============================================  ======================================
 
-plus ``anchor_weight * (-c)`` (eq. 6) and the no-op policy (section "No-op pairs").
+plus ``anchor_weight * (-c)`` (eq. 6) and the no-op policy (section "No-op pairs"). ``sft`` is
+the baseline that ignores y: supervised fine-tuning on the teacher's y' (a no-op pair is a
+valid target there, so only ``noop_policy: drop`` leaves it out).
 """
 
 from __future__ import annotations
@@ -143,8 +146,9 @@ def pair_logit(
     ref_rejected: torch.Tensor | None,
     prior_margin: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The logit u of each pair (module table, column u)."""
-    if cfg.form == "plain":
+    """The logit u of each pair (module table, column u; ``sft`` has none: u = c - r is
+    returned for the accuracy metric only)."""
+    if cfg.form in ("plain", "sft"):
         u = chosen - rejected
     elif cfg.form == "logistic":
         u = cfg.beta * (chosen - rejected)
@@ -158,12 +162,13 @@ def pair_logit(
     elif cfg.form == "cpl":
         u = cfg.beta * (chosen - cfg.cpl_lambda * rejected)
     else:
-        raise ValueError(f"objective.form must be plain|logistic|dpo|ipo|cpl, got {cfg.form!r}")
+        raise ValueError(f"objective.form must be plain|logistic|dpo|ipo|cpl|sft, got {cfg.form!r}")
     return u if prior_margin is None else u + prior_margin.to(u)
 
 
 def pairwise_loss(cfg: ObjectiveConfig, u: torch.Tensor) -> torch.Tensor:
-    """Per-pair loss from the logit u (module table, last column)."""
+    """Per-pair loss from the logit u (module table, last column; not for ``sft``, whose loss
+    is a function of c alone: ``correction_loss``)."""
     eps = cfg.label_smoothing
     if cfg.form == "plain":
         return -torch.clamp(u, max=cfg.plain_clamp)
@@ -173,7 +178,8 @@ def pairwise_loss(cfg: ObjectiveConfig, u: torch.Tensor) -> torch.Tensor:
         return (u / cfg.beta - 1.0 / (2.0 * cfg.beta)) ** 2
     if cfg.form == "cpl":
         return -F.logsigmoid(u)
-    raise ValueError(f"objective.form must be plain|logistic|dpo|ipo|cpl, got {cfg.form!r}")
+    raise ValueError(f"objective.form must be plain|logistic|dpo|ipo|cpl (sft has no pairwise "
+                     f"loss), got {cfg.form!r}")
 
 
 def _validate(cfg: ObjectiveConfig) -> None:
@@ -183,7 +189,7 @@ def _validate(cfg: ObjectiveConfig) -> None:
         raise ValueError(f"objective.label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.anchor_weight < 0:
         raise ValueError(f"objective.anchor_weight must be >= 0, got {cfg.anchor_weight}")
-    if cfg.noop_policy == "anchor_only" and cfg.anchor_weight <= 0:
+    if cfg.noop_policy == "anchor_only" and cfg.anchor_weight <= 0 and cfg.form != "sft":
         raise ValueError("objective.noop_policy='anchor_only' needs objective.anchor_weight > 0")
 
 
@@ -213,8 +219,11 @@ def correction_loss(
 
     u = pair_logit(cfg, chosen, rejected, ref_chosen, ref_rejected, prior_margin)
     zero = torch.zeros_like(u)
-    # torch.where routes a zero gradient to the unselected branch: no-op pairs give exactly 0.
-    per_pair = torch.where(noop, zero, pairwise_loss(cfg, u))
+    if cfg.form == "sft":  # eq. 7: y' is the target whether or not it equals y
+        per_pair = -chosen if cfg.noop_policy != "drop" else torch.where(noop, zero, -chosen)
+    else:
+        # torch.where routes a zero gradient to the unselected branch: no-op pairs give exactly 0.
+        per_pair = torch.where(noop, zero, pairwise_loss(cfg, u))
 
     anchor_on = ~noop if cfg.noop_policy != "anchor_only" else torch.ones_like(noop)
     if cfg.anchor_weight > 0:

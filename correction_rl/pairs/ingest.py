@@ -56,18 +56,30 @@ class Ingest:
         self.reference = reference
 
     @classmethod
-    def from_config(cls, cfg: "RunConfig", tokenizer: Any, device: str | None = None) -> "Ingest":
+    def from_config(cls, cfg: "RunConfig", tokenizer: Any, device: str | None = None,
+                    policy: Any = None) -> "Ingest":
         """The ingest step of a run: a ``ReferenceScorer`` over the INITIAL policy
-        (``model.path``, loaded here, in the learner's dtype) when the objective needs pi_ref."""
+        (``model.path``, loaded here, in the learner's dtype) when the objective needs pi_ref.
+
+        ``policy``: the run's ``Learner`` when it lives in this process (in-process mode). With
+        ``learner.lora.enabled`` its frozen base IS the initial policy, so pi_ref is that model
+        with the adapter disabled and no second copy is loaded (docs/lora.md). Under Ray the
+        teacher workers have no learner in their process and load the base from ``model.path``
+        (the same weights: LoRA never changes them); no learner rank carries a copy."""
         from correction_rl.learner.objectives import needs_reference
 
         if not needs_reference(cfg.objective):
             return cls(tokenizer, None)
         import torch
 
+        from correction_rl.pairs.reference import ReferenceScorer
+
+        if policy is not None and cfg.learner.lora.enabled:
+            return cls(tokenizer, ReferenceScorer.adapter_disabled(
+                policy, tokenizer.pad_token_id, cfg.objective, cfg.model, cfg.learner.micro_batch_pairs))
+
         from correction_rl.learner.backends import resolve_dtype
         from correction_rl.models import load_model
-        from correction_rl.pairs.reference import ReferenceScorer
 
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(cfg.model.path).to(target, dtype=resolve_dtype(cfg.model, cfg.learner))

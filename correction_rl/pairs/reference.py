@@ -6,11 +6,19 @@ those numbers never change: computing them at ingestion and caching them on the 
 the reference model, and a resumed run does not either. The one owner of a scorer is the ingest
 step (``pairs/ingest.py``), in every mode: in-process in the loop, under Ray in each teacher
 worker, next to where pairs are made. No learner holds one.
+
+With LoRA (``learner.lora.enabled``) the learner's frozen base is the starting policy, so in
+the in-process mode the scorer is the learner's own model with the adapter disabled
+(``ReferenceScorer.adapter_disabled``): no second copy of the policy exists at all. Under Ray
+the teacher workers have no learner in their process and keep loading the base from
+``model.path``, which holds the same frozen weights (docs/lora.md).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -22,7 +30,11 @@ from correction_rl.types import CorrectionPair
 
 class ReferenceScorer:
     """Scores pairs under a frozen model. It takes ownership of ``model`` (no copy is made, so a
-    reference never costs two models): pass one nobody trains, e.g. a fresh ``load_model``."""
+    reference never costs two models): pass one nobody trains, e.g. a fresh ``load_model``.
+
+    ``context``: when given, ``model`` is NOT owned (a LoRA learner's model, still training) and
+    every scoring pass runs inside ``context()`` (the adapter disabled) in eval mode, the model's
+    train/eval mode restored afterwards."""
 
     def __init__(
         self,
@@ -31,14 +43,37 @@ class ReferenceScorer:
         objective: ObjectiveConfig,
         model_cfg: ModelConfig,
         batch_pairs: int = 32,
+        context: Callable[[], ContextManager] | None = None,
     ):
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model
+        self._context = context
+        if context is None:
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
         self.pad_id = pad_id
         self.objective = objective
         self.model_cfg = model_cfg
         self.batch_pairs = max(1, batch_pairs)
+
+    @classmethod
+    def adapter_disabled(cls, learner: Any, pad_id: int, objective: ObjectiveConfig, model_cfg: ModelConfig,
+                         batch_pairs: int = 32) -> "ReferenceScorer":
+        """pi_ref as a LoRA ``Learner``'s base: its model with the adapter disabled."""
+        return cls(learner.model, pad_id, objective, model_cfg, batch_pairs, context=learner.reference_mode)
+
+    @contextlib.contextmanager
+    def _scoring(self):
+        if self._context is None:
+            yield
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._context():
+                yield
+        finally:
+            self.model.train(was_training)
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +95,8 @@ class ReferenceScorer:
             for name, value in vars(batch).items():
                 if isinstance(value, torch.Tensor):
                     setattr(batch, name, value.to(self.device))
-            scores = score_pairs(self.model, batch, self.objective)
+            with self._scoring():
+                scores = score_pairs(self.model, batch, self.objective)
             for pid, c, r in zip(batch.pair_ids, scores.chosen_logps.tolist(), scores.rejected_logps.tolist()):
                 scored[pid] = chunk[pid].with_ref_logps(c, r)
         return [scored.get(p.pair_id, p) for p in pairs]

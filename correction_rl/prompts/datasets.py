@@ -20,10 +20,9 @@ Three properties matter at scale, and each shapes the code below:
   the order the dataset yields them). ``load_prompts`` validates every row before it returns, so
   a bad row anywhere means no prompts at all, never a half-loaded set.
 
-A chat row becomes a ``Prompt`` whose ``text`` is its last (user) message and whose
-``meta["messages"]`` holds the whole conversation as ``[{"role": ..., "content": ...}]`` (a
-``Prompt.messages`` field does not exist yet; rendering it with the policy's chat template is a
-later step, docs/models.md).
+A chat row becomes a ``Prompt`` whose ``messages`` hold the whole conversation as
+``[{"role": ..., "content": ...}]`` (rendered with the policy's chat template,
+``prompts/render.py``) and whose ``text`` is its last (user) message.
 """
 
 from __future__ import annotations
@@ -166,9 +165,9 @@ def row_to_prompt(row: dict[str, Any], index: int, source: DatasetSource, stem: 
             raise DatasetError(f"{where}: field {fields.id!r} (id) must be a string or an int, got {_show(value)}")
         key = str(value)
     meta: dict[str, Any] = {"source": source.path, "row": index, "key": key}
+    messages = None
     if fields.messages:
         messages = _messages(_field(row, fields.messages, where), fields.messages, where)
-        meta["messages"] = messages
         text = messages[-1]["content"]
     else:
         text = _field(row, fields.prompt, where)
@@ -183,7 +182,8 @@ def row_to_prompt(row: dict[str, Any], index: int, source: DatasetSource, stem: 
         answer = row[fields.answer]
         if answer is not None and not isinstance(answer, str):
             raise DatasetError(f"{where}: field {fields.answer!r} (answer) must be a string or null, got {_show(answer)}")
-    return Prompt(prompt_id=f"{stem or _stem(source)}-{key}", text=text, task=source.task, answer=answer, meta=meta)
+    return Prompt(prompt_id=f"{stem or _stem(source)}-{key}", text=text, task=source.task, answer=answer, meta=meta,
+                  messages=messages)
 
 
 def _stem(source: DatasetSource) -> str:
@@ -370,3 +370,38 @@ def _check_split_args(split: str, fraction: float, limit: int | None) -> None:
         raise DatasetError("split 'held_out' with held_out_fraction 0 selects no rows")
     if limit is not None and limit < 0:
         raise DatasetError(f"limit must be >= 0, got {limit}")
+
+
+# --- a run's prompts from its config (``task.dataset``) --------------------------------------
+
+
+def source_from_config(task: Any) -> DatasetSource:
+    """The ``DatasetSource`` of a ``TaskConfig`` (``task.dataset`` and its field mapping)."""
+    fields = FieldMap(prompt=task.prompt_field, messages=task.messages_field, answer=task.answer_field,
+                      id=task.id_field)
+    return DatasetSource(task.dataset, split=task.dataset_split, fields=fields)
+
+
+def dataset_run_prompts(cfg: Any) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts) of a run whose ``task.dataset`` is set.
+
+    The training part is read whole and validated row by row before anything is returned (every
+    row of the set passes ``row_to_prompt`` on the way, held-out rows included), so a bad row
+    anywhere stops the run before it starts and names the file and row. The held-out part is
+    then streamed only as far as ``min(task.num_eval, eval.num_prompts)`` prompts. Dataset
+    prompts carry no task an oracle can check, so an oracle teacher is refused here, before
+    anything is read."""
+    from correction_rl.config import ConfigError
+
+    task = cfg.task
+    if cfg.teacher.kind == "oracle" or cfg.eval.teacher == "oracle":
+        which = "teacher.kind" if cfg.teacher.kind == "oracle" else "eval.teacher"
+        raise ConfigError(
+            f"task.dataset: dataset prompts carry no task an oracle can check, but {which} is 'oracle'; "
+            "use teacher.kind vllm, http or human and eval.teacher: run"
+        )
+    source = source_from_config(task)
+    train = load_prompts(source, "train", task.held_out_fraction, task.split_seed)
+    held_out = list(iter_prompts(source, "held_out", task.held_out_fraction, task.split_seed,
+                                 limit=min(task.num_eval, cfg.eval.num_prompts)))
+    return train, held_out

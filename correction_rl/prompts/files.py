@@ -1,8 +1,11 @@
 """Prompt files: JSONL of ``Prompt`` records, read (``read_prompt_file``), written
 (``write_prompt_file``) and exported from the tasks (``correction-rl prompts``).
 
-One JSON object a line with the ``Prompt`` fields (``text`` required; ``prompt_id``, ``task``,
-``answer``, ``meta`` optional). Generated task prompts can be exported to the same format, so
+One JSON object a line with the ``Prompt`` fields (``text`` or ``messages`` required;
+``prompt_id``, ``task``, ``answer``, ``meta`` optional). ``messages`` is a chat conversation
+(``[{"role": ..., "content": ...}]`` ending with a user turn) that the policy's chat template
+renders (``prompts/render.py``); a record with messages and no text gets the last user message
+as its text. Generated task prompts can be exported to the same format, so
 the tasks work with any prompt loader and a file written by hand works with the oracle when its
 records carry ``task`` (and ``answer`` for tasks whose text the task cannot parse).
 A malformed line is an error naming the file and the line number, never a skipped record.
@@ -19,7 +22,8 @@ from typing import Iterable
 from correction_rl.types import Prompt
 from correction_rl.errors import UserError
 
-_FIELDS = {"prompt_id": str, "text": str, "task": str, "answer": (str, type(None)), "meta": dict}
+_FIELDS = {"prompt_id": str, "text": str, "task": str, "answer": (str, type(None)), "meta": dict,
+           "messages": (list, type(None))}
 
 
 class PromptFileError(ValueError, UserError):
@@ -33,13 +37,22 @@ def parse_prompt(record: object, where: str) -> Prompt:
     unknown = sorted(set(record) - set(_FIELDS))
     if unknown:
         raise PromptFileError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
-    if "text" not in record:
-        raise PromptFileError(f"{where}: missing required field 'text'")
+    if "text" not in record and record.get("messages") is None:
+        raise PromptFileError(f"{where}: missing required field 'text' (or 'messages')")
     for key, kind in _FIELDS.items():
         if key in record and not isinstance(record[key], kind):
             raise PromptFileError(
                 f"{where}: field {key!r} must be {_kind_name(kind)}, got {record[key]!r}"
             )
+    if record.get("messages") is not None:
+        from correction_rl.prompts.render import RenderError, check_messages
+
+        try:
+            messages = check_messages(record["messages"], f"{where}: field 'messages'")
+        except RenderError as exc:
+            raise PromptFileError(str(exc)) from None
+        record = {**record, "messages": messages}
+        record.setdefault("text", messages[-1]["content"])
     return Prompt(**record)
 
 

@@ -25,13 +25,25 @@ def request_seed(seed: int | None, index: int) -> int | None:
     return (seed * 1_000_003 + index * 7_919) % (2**31 - 1)
 
 
+def cut_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], FinishReason, int | None]:
+    """(response tokens before the first stop id, finish reason, the stop id found or None).
+
+    Every declared stop id counts (a chat model ends a turn with ``<|im_end|>`` but may also
+    emit ``<|endoftext|>``); the one found is returned so the pair can put back exactly the
+    token the policy produced. Padding only ever follows a stop, so tokens before it are real
+    samples even when one equals the pad id."""
+    ids = [int(i) for i in token_ids]
+    stops = set(int(i) for i in stop_ids)
+    for position, token in enumerate(ids):
+        if token in stops:
+            return ids[:position], "stop", token
+    return ids, "length", None
+
+
 def cut_at_eos(token_ids: Sequence[int], eos_id: int) -> tuple[list[int], FinishReason]:
-    """Response tokens before the first eos. Padding only ever follows eos, so tokens before
-    it are real samples even when one equals the pad id."""
-    ids = list(token_ids)
-    if eos_id in ids:
-        return ids[: ids.index(eos_id)], "stop"
-    return ids, "length"
+    """``cut_at_stop`` with a single stop id (kept for callers that know only one)."""
+    ids, finish, _ = cut_at_stop(token_ids, [eos_id])
+    return ids, finish
 
 
 def make_rollout(
@@ -42,6 +54,7 @@ def make_rollout(
     logprobs: list[float],
     tokenizer,
     policy_version: int,
+    stop_id: int | None = None,
 ) -> Rollout:
     return Rollout(
         prompt=prompt,
@@ -51,4 +64,5 @@ def make_rollout(
         policy_version=policy_version,
         finish_reason=finish_reason,
         logprobs=logprobs[: len(response_ids)],
+        stop_id=stop_id if finish_reason == "stop" else None,
     )

@@ -19,7 +19,10 @@ from typing import Sequence
 
 import torch
 
-from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
+from correction_rl.prompts.render import PromptRenderer
+from correction_rl.rollout.common import cut_at_stop, make_rollout, request_seed, validate_sampling
+from correction_rl.rollout import lora_apply
+from correction_rl.weights.adapter import is_adapter_update
 from correction_rl.weights.sync import check_version, load_into_module, unflatten
 from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
 
@@ -34,6 +37,9 @@ class HFGenerator:
         policy_version: int = 0,
         device: str = "cpu",
         dtype: str = "float32",
+        chat_template: str = "auto",
+        system_prompt: str | None = None,
+        lora=None,
     ):
         from correction_rl.models import load_model, load_tokenizer
 
@@ -55,8 +61,12 @@ class HFGenerator:
                 f"prompt and the response"
             )
         self.tokenizer = tokenizer
+        self.renderer = PromptRenderer.build(  # the one rendering every engine uses (prompts/render.py)
+            tokenizer, chat_template, system_prompt, self.model.generation_config.eos_token_id)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
+        if lora is not None:  # learner.lora: adapter-only syncs land in the same peft layers
+            self.model = lora_apply.attach(self.model, lora)
         self.policy_version = policy_version
 
     @torch.no_grad()
@@ -64,14 +74,14 @@ class HFGenerator:
         validate_sampling(sampling)
         if not prompts:
             return []
-        enc = self.tokenizer(
-            [p.text for p in prompts], padding=True, return_tensors="pt"
+        enc = self.tokenizer.pad(
+            {"input_ids": self.renderer.batch(prompts)}, padding=True, return_tensors="pt"
         ).to(self.device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        stops, pad = list(self.renderer.stop_ids), self.tokenizer.pad_token_id
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=0,
-            eos_token_id=eos,
+            eos_token_id=stops,
             pad_token_id=pad,
             output_scores=True,
             return_dict_in_generate=True,
@@ -95,11 +105,11 @@ class HFGenerator:
         for i, prompt in enumerate(prompts):
             mask = enc["attention_mask"][i].bool()
             prompt_ids = enc["input_ids"][i][mask].tolist()
-            response_ids, finish = cut_at_eos(new_tokens[i].tolist(), eos)
+            response_ids, finish, stop_id = cut_at_stop(new_tokens[i].tolist(), stops)
             rollouts.append(
                 make_rollout(
                     prompt, prompt_ids, response_ids, finish, logps[i].tolist(),
-                    self.tokenizer, self.policy_version,
+                    self.tokenizer, self.policy_version, stop_id,
                 )
             )
         return rollouts
@@ -114,6 +124,10 @@ class HFGenerator:
         copy. A model object handed in by the caller is only ever copied into parameter by
         parameter (its storage may be shared with an optimizer or a learner)."""
         check_version(self.policy_version, update.version, "HFGenerator")
+        if is_adapter_update(update):  # LoRA: only the adapter moves (rollout/lora_apply.py)
+            lora_apply.apply_adapter(self.model, update)
+            self.policy_version = update.version
+            return
         signature = _signature(update)
         if self._adopted is not None:  # parameters view read-only memory: own them again first
             self._rehome(self._adopted)
@@ -139,7 +153,7 @@ class HFGenerator:
         parameters. Falls back to ``load_weights`` (a copy) when the generator does not own its
         model or the buckets' device differs.
         """
-        if not self._owns_model or any(b.device != self.device for b in update.buckets):
+        if not self._owns_model or is_adapter_update(update) or any(b.device != self.device for b in update.buckets):
             self.load_weights(update)
             return
         check_version(self.policy_version, update.version, "HFGenerator")

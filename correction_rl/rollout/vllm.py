@@ -34,7 +34,10 @@ from typing import Any, Sequence
 
 import torch
 
-from correction_rl.rollout.common import cut_at_eos, make_rollout, request_seed, validate_sampling
+from correction_rl.prompts.render import PromptRenderer, generation_eos_of
+from correction_rl.rollout import vllm_lora
+from correction_rl.rollout.common import cut_at_stop, make_rollout, request_seed, validate_sampling
+from correction_rl.weights.adapter import is_adapter_update
 from correction_rl.weights.sync import SyncTimeout, check_version, run_with_timeout
 from correction_rl.types import Prompt, Rollout, Sampling, WeightUpdate
 
@@ -94,6 +97,10 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         sync_timeout_s: float = 120.0,
         shm_dir: str = "/dev/shm",
+        chat_template: str = "auto",
+        system_prompt: str | None = None,
+        lora=None,
+        lora_keep: int = 1,
     ):
         # Environment first: vLLM reads these when the engine starts.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
@@ -107,6 +114,9 @@ class VLLMGenerator:
 
         self.model_path = str(model_path)
         self.tokenizer = load_tokenizer(model_path)
+        # the same rendering and stop ids as HFGenerator: prompts go to vLLM as token ids
+        self.renderer = PromptRenderer.build(self.tokenizer, chat_template, system_prompt,
+                                             generation_eos_of(model_path))
         self.max_model_len = max_model_len
         self.sync_timeout_s = sync_timeout_s
         self.num_workers = tensor_parallel_size
@@ -118,6 +128,7 @@ class VLLMGenerator:
         self.last_sync_seconds: dict[str, float] = {}
         """Where the last ``load_weights`` spent its time (shared-memory write, worker reload)."""
         weakref.finalize(self, _unlink_all, self._arena_paths)
+        self.adapters, lora_args = vllm_lora.setup(lora, lora_keep, self.shm_dir)  # LoRA: versioned adapters
         self.llm = LLM(
             model=self.model_path,
             tokenizer=self.model_path,
@@ -130,6 +141,7 @@ class VLLMGenerator:
             tensor_parallel_size=tensor_parallel_size,
             worker_extension_cls=WORKER_EXTENSION,
             logprobs_mode="processed_logprobs",
+            **lora_args,
         )
 
     # --- generation ----------------------------------------------------------------------
@@ -141,7 +153,8 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompt_ids = self.tokenizer([p.text for p in prompts])["input_ids"]
+        prompt_ids = self.renderer.batch(prompts)
+        stops = list(self.renderer.stop_ids)
         for prompt, ids in zip(prompts, prompt_ids):
             if len(ids) + sampling.max_new_tokens > self.max_model_len:
                 raise ValueError(
@@ -157,24 +170,29 @@ class VLLMGenerator:
                 seed=None if sampling.greedy else request_seed(sampling.seed, i),
                 logprobs=0,
                 detokenize=False,
+                stop_token_ids=stops,
             )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False,
+            lora_request=self.adapters.current() if self.adapters is not None else None,
         )
-        eos = self.tokenizer.eos_token_id
         rollouts = []
         for prompt, ids, out in zip(prompts, prompt_ids, outputs):
             completion = out.outputs[0]
-            response_ids, _ = cut_at_eos(completion.token_ids, eos)
+            response_ids, _, stop_id = cut_at_stop(completion.token_ids, stops)
             finish = "stop" if completion.finish_reason == "stop" else "length"
+            if finish == "stop" and stop_id is None:  # the stop token was left out of token_ids
+                reason = completion.stop_reason
+                stop_id = int(reason) if isinstance(reason, int) else self.renderer.eos_id
             logps = [
                 float(step[tok].logprob)
                 for tok, step in zip(completion.token_ids, completion.logprobs or [])
             ]
             rollouts.append(
-                make_rollout(prompt, list(ids), response_ids, finish, logps, self.tokenizer, self.policy_version)
+                make_rollout(prompt, list(ids), response_ids, finish, logps, self.tokenizer, self.policy_version,
+                             stop_id)
             )
         return rollouts
 
@@ -185,6 +203,10 @@ class VLLMGenerator:
         every worker reload from them, then drop the prefix cache (its KV entries were
         computed by the old weights) and adopt ``update.version``."""
         check_version(self.policy_version, update.version, "VLLMGenerator")
+        if is_adapter_update(update):  # LoRA: load it as a new adapter version (rollout/vllm_lora.py)
+            self.last_sync_seconds = vllm_lora.apply(self.adapters, self.llm, update)
+            self.policy_version = update.version
+            return
         self._check_names(update)
         t0 = time.perf_counter()
         paths = self._write_shm(update)
@@ -213,6 +235,7 @@ class VLLMGenerator:
         """The workers receive the buckets described by ``desc`` (``WeightLayout.describe``) by
         broadcast from rank 0, which sends them concurrently, and reload from them."""
         check_version(self.policy_version, desc["version"], "VLLMGenerator")
+        vllm_lora.refuse_broadcast(desc)
         loaded = self._rpc("crl_nccl_receive", desc, desc["version"])
         self.llm.reset_prefix_cache()
         self._check_loaded(loaded, len(desc["layout"]), desc["version"])
@@ -328,6 +351,8 @@ class VLLMGenerator:
     def close(self) -> None:
         """Shut the engine core and its workers down and free their memory."""
         self._release_arena()
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.close()
         close_engine(self)
 
     def __enter__(self) -> "VLLMGenerator":

@@ -61,6 +61,7 @@ BREAKING_FIELDS: tuple[str, ...] = (
     "learner.warmup_steps",
     "learner.micro_batch_pairs",
     "learner.grad_accum",
+    "learner.lora",
     "buffer.capacity",
     "buffer.max_staleness",
     "buffer.max_reuse",
@@ -70,8 +71,10 @@ BREAKING_FIELDS: tuple[str, ...] = (
 """Dotted config fields (or whole sections) that must match the checkpoint's to resume: the
 optimizer/DeepSpeed state layout (backend, ZeRO stage, learner ranks), the LR schedule and
 optimizer hyper-parameters, the prompt stream (seed, tasks, batch size), the loss (objective:
-the reference log-probs in the correction log were computed for it), the learner batch, and
-the buffer rules the restored buffer state was admitted under."""
+the reference log-probs in the correction log were computed for it), the learner batch, the
+LoRA adapter (``learner.lora``: with it the learner state holds only the adapter and its
+optimizer state, whose shapes follow the rank and target layers), and the buffer rules the
+restored buffer state was admitted under."""
 
 
 class CheckpointError(RuntimeError, UserError):
@@ -325,14 +328,23 @@ def _breaks(key: str, breaking: Iterable[str]) -> bool:
 
 def config_diffs(saved: dict[str, Any], now: dict[str, Any],
                  breaking: Iterable[str] = BREAKING_FIELDS) -> dict[str, tuple[Any, Any]]:
-    """Dotted fields in ``breaking`` whose values differ: ``{field: (saved, now)}``."""
+    """Dotted fields in ``breaking`` whose values differ: ``{field: (saved, now)}``.
+
+    A field the checkpoint's config does not have (added to the schema after it was written,
+    e.g. ``learner.lora``) counts as its default there, so a checkpoint from before the field
+    existed resumes as long as the field is left at its default."""
+    from correction_rl.config import RunConfig, to_dict
+
     a, b = _flatten(saved), _flatten(now)
+    defaults = _flatten(to_dict(RunConfig()))
     missing = object()
     diffs = {}
     for key in sorted(set(a) | set(b)):
         if not _breaks(key, breaking):
             continue
         va, vb = a.get(key, missing), b.get(key, missing)
+        if va is missing and key in defaults:
+            va = defaults[key]
         if va != vb:
             diffs[key] = (None if va is missing else va, None if vb is missing else vb)
     return diffs

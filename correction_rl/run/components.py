@@ -45,6 +45,10 @@ def build_generator(cfg: RunConfig, seed_offset: int = 0) -> Generator:
         max_model_len=cfg.model.max_seq_len,
         kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+        chat_template=cfg.model.chat_template,
+        system_prompt=cfg.model.system_prompt,
+        lora=cfg.learner.lora if cfg.learner.lora.enabled and not cfg.sync.lora_merge else None,
+        lora_keep=cfg.buffer.max_staleness + 1,  # vLLM: adapter versions a request may still use
     )
 
 
@@ -52,7 +56,7 @@ def build_teacher(cfg: RunConfig) -> Teacher:
     if cfg.teacher.kind == "oracle":
         from correction_rl.teachers.oracle import OracleTeacher
 
-        return OracleTeacher()
+        return OracleTeacher(correction=cfg.teacher.oracle_correction)
     if cfg.teacher.kind in ("vllm", "http"):
         return build_llm_teacher(cfg)
     if cfg.teacher.kind == "human":
@@ -82,7 +86,8 @@ def build_llm_teacher(cfg: RunConfig) -> Teacher:
 
         return VLLMTeacher(
             t.vllm.model_path or "", templates, rules, max_model_len=t.vllm.max_model_len,
-            kv_cache_gb=t.vllm.kv_cache_gb, gpu_memory_utilization=t.vllm.gpu_memory_utilization, **common,
+            kv_cache_gb=t.vllm.kv_cache_gb, gpu_memory_utilization=t.vllm.gpu_memory_utilization,
+            system_prompt=cfg.model.system_prompt, **common,
         )
     from correction_rl.teachers.http_teacher import HTTPTeacher
 

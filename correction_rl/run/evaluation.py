@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from correction_rl.edits import edit_distance, normalized_edit_distance
+from correction_rl.prompts.render import PromptRenderer, RendersPrompts
 from correction_rl.tasks import TASKS, get_task
 from correction_rl.types import Correction, Prompt, Rollout, Sampling
 
@@ -158,25 +159,31 @@ def compute_metrics(
     )
 
 
-def score_responses(model, tokenizer, rollouts: Sequence[Rollout], batch_size: int = 64) -> list[float]:
-    """log P_model(y <eos>|x) per rollout (``<eos>`` only when the response stopped on it).
+def score_responses(model, tokenizer, rollouts: Sequence[Rollout], batch_size: int = 64,
+                    renderer: PromptRenderer | None = None) -> list[float]:
+    """log P_model(y <stop>|x) per rollout (``<stop>``, the stop token the policy produced, only
+    when the response stopped on it).
 
-    Prompt and response are re-tokenized from text with ``tokenizer`` so two different models
-    are scored on exactly the same token sequence.
+    The prompt is rendered by ``renderer`` (the engine's: its chat template and system prompt;
+    default: the tokenizer's own template, else the plain text) and the response re-tokenized
+    from text with ``tokenizer``, so two different models are scored on exactly the same token
+    sequence.
     """
     import torch
 
     from correction_rl.learner.logprobs import sequence_logprobs
 
     out: list[float] = []
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    renderer = renderer or PromptRenderer.build(tokenizer)
+    pad, eos = tokenizer.pad_token_id, renderer.eos_id
     with torch.no_grad():
         for start in range(0, len(rollouts), batch_size):
             rows, masks = [], []
             for r in rollouts[start : start + batch_size]:
-                x = tokenizer(r.prompt.text)["input_ids"]
+                x = renderer.ids(r.prompt)
                 y = tokenizer(r.response_text, add_special_tokens=False)["input_ids"]
-                y = y + ([eos] if r.finish_reason == "stop" else [])
+                stop = r.stop_id if r.stop_id is not None else eos
+                y = y + ([stop] if r.finish_reason == "stop" else [])
                 rows.append(x + y)
                 masks.append([0] * len(x) + [1] * len(y))
             width = max(map(len, rows))
@@ -201,6 +208,7 @@ def evaluate(
     init_model=None,
     tokenizer=None,
     modes: Sequence[str] = ("greedy", "sampled"),
+    renderer: PromptRenderer | None = None,
 ) -> EvalReport:
     """Generate with each mode, correct with ``teacher``, and measure.
 
@@ -208,7 +216,9 @@ def evaluate(
     seed (``greedy`` forces temperature 0). KL(pi || pi_init) is estimated on the sampled
     responses when both ``policy_model`` (the weights the generator samples from) and
     ``init_model`` are given; ``tokenizer`` (default: the project's character tokenizer) turns
-    texts into tokens for edit distances and scoring.
+    texts into tokens for edit distances and scoring. The KL scores render prompts with
+    ``renderer``, by default the generator's own (``RendersPrompts``: both engines), so they
+    score the prompt ids the engine sampled from.
     """
     if tokenizer is None:
         from correction_rl.models import build_tokenizer
@@ -218,6 +228,8 @@ def evaluate(
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    if renderer is None and isinstance(generator, RendersPrompts):
+        renderer = generator.renderer
     report = EvalReport(policy_version=getattr(generator, "policy_version", None))
     for mode in modes:
         if mode not in ("greedy", "sampled"):
@@ -227,8 +239,8 @@ def evaluate(
         corrections = teacher.correct(rollouts)
         kl_terms = None
         if mode == "sampled" and policy_model is not None and init_model is not None:
-            policy_lp = score_responses(policy_model, tokenizer, rollouts)
-            init_lp = score_responses(init_model, tokenizer, rollouts)
+            policy_lp = score_responses(policy_model, tokenizer, rollouts, renderer=renderer)
+            init_lp = score_responses(init_model, tokenizer, rollouts, renderer=renderer)
             kl_terms = [p - q for p, q in zip(policy_lp, init_lp)]
         report.modes[mode] = compute_metrics(corrections, tokenize, kl_terms)
         groups: dict[str, list[int]] = {}
@@ -264,6 +276,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--chat-template", default="auto", help="auto | none | PATH (as model.chat_template)")
+    p.add_argument("--system-prompt", default=None, help="as model.system_prompt")
     a = p.parse_args(argv)
     if a.prompts_file:
         prompts = read_prompt_file(a.prompts_file)[: a.num_prompts]
@@ -272,7 +286,8 @@ def cli(argv: list[str]) -> int:
     model, tokenizer = load_model(a.model).eval(), load_tokenizer(a.model)
     init = load_model(a.init_model).eval() if a.init_model else None
     sampling = Sampling(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
-    report = evaluate(HFGenerator(model, tokenizer), prompts, OracleTeacher(), sampling,
+    generator = HFGenerator(model, tokenizer, chat_template=a.chat_template, system_prompt=a.system_prompt)
+    report = evaluate(generator, prompts, OracleTeacher(), sampling,
                       policy_model=model if init is not None else None, init_model=init,
                       tokenizer=tokenizer)
     print(report.table())

@@ -17,6 +17,7 @@ lifecycle (``run/lifecycle.py``), of which ``InProcessSession`` is the in-proces
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -75,6 +76,14 @@ class InProcessSession:
         train, self.eval_prompts = train_and_held_out(cfg)
         self.train_prompts = PromptStream(train, cfg.seed)
         self.generator = build_generator(cfg)
+        self.eval_generator = self.generator
+        buffer_cfg = buffer_config(cfg)
+        if cfg.rollout.policy == "initial":
+            # Offline corrections (docs/objectives.md, "Experiment knobs"): the training engine
+            # never gets new weights, a second engine does and serves evaluation; every pair is
+            # pi_init's, so staleness grows with the step and must not evict them.
+            self.eval_generator = build_generator(cfg)
+            buffer_cfg = dataclasses.replace(buffer_cfg, max_staleness=cfg.total_steps)
         self.teacher = build_teacher(cfg)
         self._eval_teacher = None
         self.learner = Learner(  # ZeRO-3 + zero_init: only this rank's partition is materialised
@@ -84,11 +93,13 @@ class InProcessSession:
             objective_cfg=cfg.objective,
             model_cfg=cfg.model,
             total_steps=cfg.total_steps,
+            lora_merge=cfg.sync.lora_merge,
         )
-        self.ingest = Ingest.from_config(cfg, self.tokenizer)  # the one owner of pi_ref
+        # the one owner of pi_ref; with LoRA it is this learner's base, adapter disabled (no copy)
+        self.ingest = Ingest.from_config(cfg, self.tokenizer, policy=self.learner)
         log = CorrectionLog(self.run_dir / "corrections.jsonl", meta={"run": cfg.name})
-        self.buffer = ReplayBuffer(buffer_config(cfg), log)
-        self.transport = _transport(cfg, self.learner, self.generator)
+        self.buffer = ReplayBuffer(buffer_cfg, log)
+        self.transport = _transport(cfg, self.learner, self.eval_generator)
         self.init_model = load_model(cfg.model.path).eval()
         """The starting policy, frozen: the KL(pi || pi_init) estimate of evaluation scores against it."""
         self.rng = random.Random(cfg.seed)
@@ -115,6 +126,7 @@ class InProcessSession:
             if len(fresh) < len(rollouts):
                 self.count("resume/corrections_reused", len(rollouts) - len(fresh))
             rollouts = fresh
+        self.count("teacher/calls", len(rollouts))  # cumulative: the budget arms are compared at
         corrections = self.teacher.correct(rollouts) if rollouts else []
         t2 = time.perf_counter()
         stored = self.ingest(corrections, self.buffer)
@@ -160,7 +172,7 @@ class InProcessSession:
             self._eval_teacher = self._eval_teacher or build_eval_teacher(cfg)
             teacher = self._eval_teacher
         return evaluate(
-            self.generator,
+            self.eval_generator,
             self.eval_prompts,
             teacher,
             rollout_sampling(cfg, seed=cfg.seed),
@@ -170,21 +182,29 @@ class InProcessSession:
             modes=eval_modes(cfg),
         )
 
+    def budget_spent(self) -> bool:
+        """``teacher.max_calls`` reached: arms of an experiment stop at the same number of
+        rollouts sent to the teacher, whatever their objective does with no-op pairs."""
+        limit = self.cfg.teacher.max_calls
+        return bool(limit) and self.counters.get("teacher/calls", 0) >= limit
+
     # -- the loop ----------------------------------------------------------------------------
     def train(self, sink: Any, resume: ResumeReport | None, wandb_run_id: str | None) -> None:
-        """act -> correct -> store -> learn -> sync -> log, until ``total_steps`` updates; a
+        """act -> correct -> store -> learn -> sync -> log, until ``total_steps`` updates (or
+        ``teacher.max_calls`` rollouts sent to the teacher); a
         checkpoint every ``checkpoint.every_steps``; SIGINT/SIGTERM finish the current step,
         write a checkpoint and raise ``RunInterrupted``."""
         cfg = self.cfg
         resume_metrics = resume.as_metrics() if resume is not None else {}
         every = cfg.checkpoint.every_steps
         with StopSignals() as stop:
-            while self.learner.version < cfg.total_steps:
+            while self.learner.version < cfg.total_steps and not self.budget_spent():
                 metrics = self.learn(sink)
                 step = self.learner.version
-                if step % cfg.sync.every_steps == 0 or step == cfg.total_steps:
+                last = step == cfg.total_steps or self.budget_spent()
+                if step % cfg.sync.every_steps == 0 or last:
                     metrics.update(self.sync_weights().as_metrics())
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.total_steps:
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not last:
                     metrics.update(self.evaluate().as_metrics())
                 metrics.update(self.buffer.stats().as_metrics())
                 metrics.update(self.counters)
@@ -193,7 +213,7 @@ class InProcessSession:
                 teacher_metrics = getattr(self.teacher, "metrics", None)
                 if callable(teacher_metrics):  # LLM teachers: latency, tokens, rejections by reason
                     metrics.update(teacher_metrics())
-                if stop.received or (every and step % every == 0 and step < cfg.total_steps):
+                if stop.received or (every and step % every == 0 and not last):
                     t0 = time.perf_counter()
                     path = self.write_checkpoint(wandb_run_id)
                     metrics["checkpoint/seconds"] = time.perf_counter() - t0
@@ -258,7 +278,9 @@ class InProcessSession:
     def close(self) -> None:
         """Close everything that holds a resource, each even if another fails."""
         closers = []
-        for name in ("buffer", "transport", "generator", "teacher", "_eval_teacher"):
+        for name in ("buffer", "transport", "generator", "eval_generator", "teacher", "_eval_teacher"):
+            if name == "eval_generator" and getattr(self, name, None) is getattr(self, "generator", None):
+                continue
             close = getattr(getattr(self, name, None), "close", None)
             if callable(close):
                 closers.append(close)

@@ -3,12 +3,17 @@
 It is the first ``Teacher`` implementation and the reference the LLM and HTTP teachers are
 measured against: it never fails on a rollout of a known task, so corrections differ from the
 response exactly where the response is wrong (``Task.minimal_correction``).
+
+``correction="reference"`` (``teacher.oracle_correction``) returns the task's reference answer
+instead, whatever y was: the *full rewrite* a minimal correction is compared against in the
+regularization experiment (docs/results.md, experiment 2). It is what SFT on gold (with
+``objective.form: sft``) and preference pairs (gold, y) (with ``dpo``) train on.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Literal, Sequence
 
 from correction_rl.tasks import Task, TaskError, get_task
 from correction_rl.types import Correction, Rollout
@@ -23,8 +28,11 @@ class OracleTeacher:
     (``finish_reason == "length"``) is corrected like any other: the oracle deletes the excess.
     """
 
-    def __init__(self, name: str = "oracle") -> None:
+    def __init__(self, name: str = "oracle", correction: Literal["minimal", "reference"] = "minimal") -> None:
+        if correction not in ("minimal", "reference"):
+            raise ValueError(f"teacher.oracle_correction must be 'minimal' or 'reference', got {correction!r}")
         self.name = name
+        self.correction = correction
         self._tasks: dict[str, Task] = {}
 
     def _task(self, rollout: Rollout) -> Task:
@@ -42,7 +50,11 @@ class OracleTeacher:
         out = []
         for rollout in rollouts:
             start = time.perf_counter()
-            fixed = self._task(rollout).minimal_correction(rollout.prompt, rollout.response_text)
+            task = self._task(rollout)
+            if self.correction == "reference":
+                fixed = task.canonical(rollout.prompt)
+            else:
+                fixed = task.minimal_correction(rollout.prompt, rollout.response_text)
             out.append(
                 Correction(
                     rollout=rollout,

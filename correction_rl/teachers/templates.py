@@ -18,6 +18,14 @@ templates are built in (docs/teachers.md):
 
 Templates can be chosen per task or domain (``teacher.templates_by_task``) and extended from a
 YAML file (``teacher.template_file``, format in ``load_template_file``).
+
+What ``{prompt}`` is: the conversation the policy answered, as readable text
+(``prompts/render.conversation_text``: the user's text for one turn, ``role: content`` turns
+for a longer conversation), never the policy's rendered chat template (special tokens of
+another model's template would only confuse the teacher, which has its own). A template that
+is the prompt alone (``answers_prompt``: ``task_answer``) is rendered by the vLLM teacher with
+its OWN chat template over the prompt's conversation, the same ``PromptRenderer`` the policy
+uses, so a chat teacher answers x exactly as it would in a chat.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from correction_rl.types import Rollout
 from correction_rl.errors import UserError
+from correction_rl.prompts.render import conversation, conversation_text
+from correction_rl.types import Rollout
 
 OutputFormat = Literal["markers", "raw"]
 Api = Literal["chat", "completions"]
@@ -75,15 +84,23 @@ class CorrectionTemplate:
         if self.output == "markers" and not (self.start_marker and self.end_marker):
             raise TemplateError(f"template {self.name!r}: output 'markers' needs start_marker and end_marker")
 
+    @property
+    def answers_prompt(self) -> bool:
+        """The request is x itself (``task_answer``): the teacher answers the conversation."""
+        return self.user == "{prompt}" and not self.system
+
     def _fields(self, rollout: Rollout) -> dict[str, str]:
         return {
-            "prompt": rollout.prompt.text,
+            "prompt": conversation_text(rollout.prompt),
             "response": rollout.response_text,
             "task": rollout.prompt.task or "general",
         }
 
     def messages(self, rollout: Rollout) -> list[dict[str, str]]:
-        """Chat messages for ``/v1/chat/completions`` (or a chat template)."""
+        """Chat messages for ``/v1/chat/completions`` (or a chat template). A template that is
+        the prompt alone (``answers_prompt``) sends the prompt's conversation turn by turn."""
+        if self.answers_prompt:
+            return conversation(rollout.prompt)
         fields = self._fields(rollout)
         out = []
         if self.system:

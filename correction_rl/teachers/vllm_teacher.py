@@ -67,6 +67,7 @@ class VLLMTeacher:
         gpu_memory_utilization: float = 0.3,
         dtype: str = "auto",
         name: str = "vllm",
+        system_prompt: str | None = None,
     ) -> None:
         if not model_path:
             raise ValueError("teacher.vllm.model_path must be the teacher model directory for teacher.kind 'vllm'")
@@ -100,6 +101,13 @@ class VLLMTeacher:
             gpu_memory_utilization=gpu_memory_utilization,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        from correction_rl.prompts.render import PromptRenderer, generation_eos_of
+
+        # the teacher's own template (``auto``) over the prompt's conversation, for templates that
+        # are the prompt itself (``task_answer``): the policy's rendering rules, the teacher's model
+        self.renderer = PromptRenderer.build(self.tokenizer, "auto",
+                                             system_prompt if getattr(self.tokenizer, "chat_template", None) else None,
+                                             generation_eos_of(self.model_path))
         self._calls = 0
         self._lock = threading.Lock()  # one caller steps the engine at a time (threaded actors)
 
@@ -149,6 +157,8 @@ class VLLMTeacher:
         return _Job(index, rollout, template, ids, asks)
 
     def _prompt_ids(self, template: CorrectionTemplate, rollout: Rollout) -> list[int]:
+        if template.answers_prompt and self.api != "completions":
+            return self.renderer.ids(rollout.prompt)  # x as a chat: the conversation, rendered
         api = template.api if self.api == "auto" else self.api
         if api == "chat" and getattr(self.tokenizer, "chat_template", None):
             return list(self.tokenizer.apply_chat_template(template.messages(rollout), add_generation_prompt=True, tokenize=True))
@@ -160,7 +170,8 @@ class VLLMTeacher:
         seed = None
         if self.temperature > 0:
             seed = (self.seed * 1_000_003 + self._calls * 7_919 + job.index * 31 + job.asks_left) % (2**31 - 1)
-        return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
+        return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed,
+                              stop_token_ids=list(self.renderer.stop_ids))
 
     def _run(self, waiting: list[_Job], results: list[Correction | None]) -> None:
         """Keep at most ``max_concurrency`` requests in the engine; step until all are done."""

@@ -10,6 +10,11 @@ instead trains until a minimum accuracy (a stronger model of the same family, la
 LLM teacher). Plain torch AdamW with teacher forcing; the loss covers answer tokens and
 ``<eos>`` only, so the model learns to answer, not to write prompts.
 
+Several tasks (``--task reverse sorting``): one policy learns all of them from batches that
+interleave the tasks, and the stopping rule reads the *mean* of the per-task accuracies (each
+one is recorded). This is the starting policy of the regularization experiment
+(docs/results.md): corrections on one task, accuracy kept on the other.
+
 The result is a standard Hugging Face directory (model + the project's tokenizer) that
 transformers and vLLM load, with ``warmstart.json`` recording accuracy, steps and time.
 """
@@ -25,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from correction_rl.tasks import Task, get_task, parse_difficulty
+from correction_rl.errors import UserError
+from correction_rl.tasks import Task, TaskError, get_task, parse_difficulty
 from correction_rl.types import Prompt, Sampling
 
 
@@ -35,6 +41,10 @@ class WarmStartConfig:
 
     task: str = "addition"
     difficulty: dict[str, int] = field(default_factory=dict)
+    extra_tasks: tuple[str, ...] = ()
+    """More tasks the same policy learns (batches interleave all tasks; the stopping rule uses
+    the mean held-out accuracy). ``difficulty`` knobs go to every task that has them, or to one
+    task when scoped (``addition.max_digits``)."""
     size: str = "tiny"
     seed: int = 0
     band: tuple[float, float] = (0.2, 0.6)
@@ -67,7 +77,7 @@ class WarmStartResult:
     reached: bool
     """Whether the band (or the target accuracy) was reached before the step / time limit."""
     accuracy: float
-    """Held-out greedy accuracy of the saved model (checker-based)."""
+    """Held-out greedy accuracy of the saved model (checker-based; the mean over tasks)."""
     steps: int
     seconds: float
     """Wall-clock training + evaluation time (on a shared CPU this includes contention)."""
@@ -75,6 +85,8 @@ class WarmStartResult:
     """(step, held-out accuracy) at every check."""
     num_parameters: int
     config: dict
+    accuracy_by_task: dict[str, float] = field(default_factory=dict)
+    """Held-out greedy accuracy of the saved model on each task."""
 
 
 def greedy_accuracy(generator, task: Task, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
@@ -83,12 +95,20 @@ def greedy_accuracy(generator, task: Task, prompts: Sequence[Prompt], max_new_to
     return sum(task.check(r.prompt, r.response_text) for r in rollouts) / len(rollouts)
 
 
-def _check(model, generator, task: Task, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
+def _check(model, generator, held_out: dict[str, tuple[Task, list[Prompt]]], max_new_tokens: int
+           ) -> dict[str, float]:
+    """Greedy held-out accuracy per task."""
     model.eval()
     try:
-        return greedy_accuracy(generator, task, prompts, max_new_tokens)
+        return {name: greedy_accuracy(generator, task, prompts, max_new_tokens)
+                for name, (task, prompts) in held_out.items()}
     finally:
         model.train()
+
+
+def _interleave(streams: list) -> "itertools.chain":
+    """One prompt of each task in turn (a single task: its own stream)."""
+    return itertools.chain.from_iterable(zip(*streams)) if len(streams) > 1 else streams[0]
 
 
 def _batch(prompts: Sequence[Prompt], table: dict[str, int]):
@@ -126,13 +146,18 @@ def _train(cfg: WarmStartConfig, log):
 
     from correction_rl.models import build_model, build_tokenizer, count_parameters, vocab
     from correction_rl.rollout.hf import HFGenerator
+    from correction_rl.tasks.registry import knobs_for, make_prompts
 
-    task = get_task(cfg.task, **cfg.difficulty)
+    names = [cfg.task, *cfg.extra_tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"warmstart: a task is named twice in {names}")
+    make_prompts(names, cfg.difficulty, 1, "eval", cfg.seed)  # unknown tasks / knobs fail here, named
+    tasks = {n: get_task(n, **knobs_for(n, cfg.difficulty)) for n in names}
     torch.manual_seed(cfg.seed)
     model, tokenizer, table = build_model(cfg.size, cfg.seed), build_tokenizer(), vocab()
-    held_out = task.generate(cfg.num_eval, "eval", cfg.seed)
-    max_new = max(len(p.answer) for p in held_out) + 2
-    data = task.stream("train", cfg.seed)
+    held_out = {n: (t, t.generate(cfg.num_eval, "eval", cfg.seed)) for n, t in tasks.items()}
+    max_new = max(len(p.answer) for _, prompts in held_out.values() for p in prompts) + 2
+    data = _interleave([t.stream("train", cfg.seed) for t in tasks.values()])
     generator = HFGenerator(model, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -140,6 +165,7 @@ def _train(cfg: WarmStartConfig, log):
     )
     low, high = cfg.band
     eval_every, step, history, accuracy, reached = cfg.eval_every, 0, [], 0.0, False
+    by_task: dict[str, float] = {}
     snapshot = _snapshot(model, opt, sched, step)
     start = time.perf_counter()
     model.train()
@@ -154,9 +180,11 @@ def _train(cfg: WarmStartConfig, log):
         step += 1
         if step % eval_every:
             continue
-        accuracy = _check(model, generator, task, held_out, max_new)
+        by_task = _check(model, generator, held_out, max_new)
+        accuracy = sum(by_task.values()) / len(by_task)
         history.append((step, accuracy))
-        log(f"step {step}: loss {loss.item():.3f} held-out accuracy {accuracy:.3f}")
+        per_task = "" if len(by_task) == 1 else " (" + ", ".join(f"{k} {v:.3f}" for k, v in by_task.items()) + ")"
+        log(f"step {step}: loss {loss.item():.3f} held-out accuracy {accuracy:.3f}{per_task}")
         if cfg.target_accuracy is not None:
             if accuracy >= cfg.target_accuracy:
                 reached = True
@@ -174,7 +202,8 @@ def _train(cfg: WarmStartConfig, log):
         snapshot = _snapshot(model, opt, sched, step)
     seconds = time.perf_counter() - start
     if not history or history[-1][0] != step:
-        accuracy = _check(model, generator, task, held_out, max_new)
+        by_task = _check(model, generator, held_out, max_new)
+        accuracy = sum(by_task.values()) / len(by_task)
         history.append((step, accuracy))
     if cfg.target_accuracy is None:
         reached = low <= accuracy <= high
@@ -188,7 +217,9 @@ def _train(cfg: WarmStartConfig, log):
         seconds=round(seconds, 2),
         history=history,
         num_parameters=count_parameters(model),
-        config={**asdict(cfg), "knobs": asdict(task.knobs)},
+        config={**asdict(cfg), "knobs": {n: asdict(t.knobs) for n, t in tasks.items()} if cfg.extra_tasks
+                else asdict(tasks[cfg.task].knobs)},
+        accuracy_by_task=by_task,
     )
     return model.eval(), tokenizer, result
 
@@ -212,7 +243,8 @@ def save(model, tokenizer, result: WarmStartResult, out: str | Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "correction_rl.json").write_text(
-        json.dumps({"size": result.size, "seed": result.seed, "task": result.task}) + "\n"
+        json.dumps({"size": result.size, "seed": result.seed, "task": result.task,
+                    "tasks": [result.task, *result.config.get("extra_tasks", [])]}) + "\n"
     )
     (out / "warmstart.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return out
@@ -229,7 +261,8 @@ def cli(argv: list[str]) -> int:
     """``correction-rl warmstart --task addition --out DIR [--size tiny] [--seed 0] ...``"""
     p = argparse.ArgumentParser(prog="correction-rl warmstart", description=__doc__.split("\n")[0])
     d = WarmStartConfig()
-    p.add_argument("--task", default=d.task)
+    p.add_argument("--task", nargs="+", default=[d.task],
+                   help="one task, or several for one policy that learns them all (mean accuracy stops it)")
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--size", default=d.size, choices=["tiny", "base", "small"])
     p.add_argument("--seed", type=int, default=d.seed)
@@ -248,12 +281,15 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads")
     a = p.parse_args(argv)
     cfg = WarmStartConfig(
-        task=a.task, difficulty=parse_difficulty(a.difficulty), size=a.size, seed=a.seed,
+        task=a.task[0], extra_tasks=tuple(a.task[1:]), difficulty=parse_difficulty(a.difficulty), size=a.size, seed=a.seed,
         band=tuple(a.band), aim=a.aim, target_accuracy=a.target_accuracy, max_steps=a.max_steps,
         batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, num_eval=a.num_eval,
         time_limit_s=a.time_limit, threads=a.threads,
     )
-    result = warm_start(cfg, a.out)
+    try:
+        result = warm_start(cfg, a.out)
+    except (ValueError, TaskError) as exc:  # a bad task / knob / duplicate: one error line
+        raise UserError(f"warmstart: {exc}") from None
     print(json.dumps({k: v for k, v in asdict(result).items() if k not in ("history", "config")}))
     return 0 if result.reached else 1
 

@@ -44,6 +44,7 @@ class LearnerRank:
             objective_cfg=cfg.objective,
             model_cfg=cfg.model,
             total_steps=cfg.total_steps,
+            lora_merge=cfg.sync.lora_merge,
         )
         self.clock = BusyClock()
         self.member = SendingMember()
