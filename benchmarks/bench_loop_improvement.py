@@ -45,12 +45,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             for seed in args.seeds:
-                policy = Path(tmp) / f"{task}-{seed}"
+                policy = Path(tmp) / "policies" / f"{task}-{seed}"  # run directories go to runs/
                 warm = warm_start(WarmStartConfig(task=task, seed=seed), policy, log=lambda *_: None)
                 cfg = load_config(
                     REPO / "configs" / "demo.yaml",
                     DEFAULTS + [
-                        "--name", f"{task}-{seed}", "--output_dir", tmp, "--seed", str(seed),
+                        "--name", f"{task}-{seed}", "--output_dir", str(Path(tmp) / "runs"), "--seed", str(seed),
                         "--model.path", str(policy), "--task.names", f"[{task}]",
                     "--checkpoint.resume", "never",
                     ] + overrides,

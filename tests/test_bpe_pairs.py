@@ -37,12 +37,7 @@ def _rollout(tok, ids: list[int], finish: str = "stop", stop_id: int | None = IM
 
 
 def _text_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return common_prefix_length(a, b)  # works on any two sequences, strings included
 
 
 def _check_consistent(tok, pair, y_ids: list[int], y: str, y2: str) -> int:

@@ -237,6 +237,18 @@ def test_example_configs_load_and_size_as_documented():
     assert _pack(_bundles(REPO / "configs" / "gpu_8.yaml"), [{"CPU": 96, "GPU": 8}]) == []
 
 
+def test_the_seed_setting_fits_one_gpu_with_lora():
+    """configs/seed_3b_7b.yaml (docs/models.md): policy, engine and 7B teacher on ONE GPU, LoRA on,
+    reference-free objective, the teacher measures held-out correction, object-store sync."""
+    cfg = load_config(REPO / "configs" / "seed_3b_7b.yaml")
+    assert _pack(_bundles(REPO / "configs" / "seed_3b_7b.yaml"), [{"CPU": 16, "GPU": 1}]) == []
+    assert cfg.learner.lora.enabled and cfg.sync.transport == "object_store"
+    assert cfg.teacher.kind == "vllm" and cfg.eval.teacher == "run" and cfg.task.dataset
+    assert cfg.objective.form == "logistic" and cfg.objective.anchor_weight > 0
+    engines = cfg.rollout.vllm_gpu_memory_utilization + cfg.teacher.vllm.gpu_memory_utilization
+    assert engines <= cfg.resources.gpus_per_rollout_worker + cfg.resources.gpus_per_teacher_worker
+
+
 # -- placement rules (pure parts of correction_rl.distributed.cluster) ------------------------------
 
 

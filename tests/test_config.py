@@ -135,7 +135,7 @@ def test_every_field_has_a_docstring():
         (["--sync.timeout_s", ".inf"], "sync.timeout_s: Input should be a finite number"),
         (["--objective.plain_clamp", ".nan"], "objective.plain_clamp: Input should be a number, not NaN"),
         (["--task.names", "[]"], "task.names: List should have at least 1 item"),
-        (["--task.names", "[addition, nope]"], "task.names: unknown task(s) nope; known tasks: addition, reverse, sorting"),
+        (["--task.names", "[addition, nope]"], "task.names: unknown task(s) nope; known tasks: addition, reverse, sorting, spelling"),
     ],
 )
 def test_ranges_finite_floats_and_task_names_are_refused(overrides, expected):
@@ -184,7 +184,7 @@ def test_describe_shows_the_rules():
     assert "[>= 0]" in lines["buffer.max_staleness"]
     assert "[> 0 and <= 1]" in lines["rollout.top_p"]
     assert "must exist" in lines["model.path"]
-    assert "addition, reverse, sorting" in lines["task.names"]
+    assert "addition, reverse, sorting, spelling" in lines["task.names"]
     assert "environment variable name" in lines["teacher.http.api_key_env"]
 
 

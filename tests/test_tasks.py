@@ -206,8 +206,8 @@ def test_make_prompts_scopes_knobs():
         make_prompts(["addition"], {"sorting.max_len": 1}, 5, "train", 0)
 
 
-def test_registry_lists_three_tasks():
-    assert task_names() == ["addition", "reverse", "sorting"]
+def test_registry_lists_the_tasks():
+    assert task_names() == ["addition", "reverse", "sorting", "spelling"]
 
 
 def test_parse_difficulty():

@@ -131,6 +131,10 @@ class TeacherConfig:
     """Validation: reject y' longer than this x max(len(y), ``length_floor_chars``) characters."""
     length_floor_chars: NonNegInt = 32
     """Validation: the length a short y counts as for ``max_length_ratio`` (empty y' are allowed growth)."""
+    max_edit_ratio: Fraction | None = None
+    """Validation: reject y' whose character edit distance to y, divided by the longer length,
+    exceeds this (``over_edit``: a rewrite, not a minimal correction; e.g. 0.3 for the free-form
+    ``spelling`` task). None: no bound (an empty y then accepts any y')."""
     refusal_patterns: list[str] | None = None
     """Validation: regexes (case-insensitive, matched at the answer's start) of a refusal; None
     uses the built-in list (``teachers/validation.py``)."""

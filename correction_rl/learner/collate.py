@@ -20,18 +20,10 @@ from typing import Literal, Sequence
 import torch
 
 from correction_rl.types import CorrectionPair, TrainBatch
+from correction_rl.edits import common_prefix_length  # noqa: F401  (re-exported: the pair's shared prefix)
 
 Truncation = Literal["drop", "truncate_response"]
 
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading tokens ``a`` and ``b`` share."""
-    k = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        k += 1
-    return k
 
 
 def _fit(pair: CorrectionPair, max_seq_len: int, truncation: Truncation):

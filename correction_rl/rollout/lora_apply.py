@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from correction_rl.weights.adapter import add_adapter, is_lora_name, wire_name
-from correction_rl.weights.sync import unflatten
+from correction_rl.weights.sync import copy_by_name
 from correction_rl.types import WeightUpdate
 
 if TYPE_CHECKING:
@@ -43,23 +43,5 @@ def apply_adapter(model: torch.nn.Module, update: WeightUpdate) -> int:
             "adapter: build it with the run's learner.lora (run/components.py does), or set "
             "sync.lora_merge: true to ship merged full weights")
     params = {wire_name(n): p for n, p in model.named_parameters() if is_lora_name(n)}
-    missing = set(params)
-    copied = 0
-    with torch.no_grad():
-        for name, value in unflatten(update):
-            param = params.get(name)
-            if param is None:
-                raise KeyError(f"weight update v{update.version}: adapter tensor {name!r} does not exist in "
-                               f"this engine's adapter (learner.lora.target_modules must match; first of its "
-                               f"tensors: {next(iter(params))!r})")
-            if tuple(param.shape) != tuple(value.shape):
-                raise ValueError(f"weight update v{update.version}: adapter tensor {name!r} has shape "
-                                 f"{tuple(value.shape)}, the engine's is {tuple(param.shape)} "
-                                 "(learner.lora.rank must match)")
-            param.copy_(value)
-            missing.discard(name)
-            copied += value.numel() * value.element_size()
-    if missing:
-        raise ValueError(f"weight update v{update.version} does not cover {len(missing)} adapter tensors, "
-                         f"e.g. {sorted(missing)[:3]}")
-    return copied
+    return copy_by_name(params, update, "adapter tensor",
+                        " (learner.lora.rank and target_modules must match the engine's adapter)")

@@ -75,6 +75,7 @@ def build_llm_teacher(cfg: RunConfig) -> Teacher:
     rules = ValidationRules(
         max_length_ratio=t.max_length_ratio,
         length_floor_chars=t.length_floor_chars,
+        max_edit_ratio=t.max_edit_ratio,
         refusal_patterns=tuple(t.refusal_patterns) if t.refusal_patterns is not None else DEFAULT_REFUSAL_PATTERNS,
     )
     common = dict(

@@ -9,6 +9,7 @@ from correction_rl.tasks.addition import AdditionTask
 from correction_rl.tasks.base import Split, Task, TaskError
 from correction_rl.tasks.reverse import ReverseTask
 from correction_rl.tasks.sorting import SortingTask
+from correction_rl.tasks.spelling import SpellingTask
 from correction_rl.types import Prompt
 
 TASKS: dict[str, type[Task]] = {}
@@ -22,7 +23,7 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-for _cls in (AdditionTask, SortingTask, ReverseTask):
+for _cls in (AdditionTask, SortingTask, ReverseTask, SpellingTask):
     register_task(_cls)
 
 

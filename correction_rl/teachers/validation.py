@@ -19,6 +19,11 @@ Rules, in the order they are checked (docs/teachers.md lists them with examples)
 ``unparseable``    the template's output format was not followed (missing markers)
 ``prompt_echo``    y' is the prompt x (or starts with it) while y did not
 ``length_blowup``  len(y') > max_length_ratio * max(len(y), length_floor_chars)
+``over_edit``      (only with ``max_edit_ratio`` set) the character edit distance y -> y',
+                   divided by max(len(y), len(y')), exceeds ``max_edit_ratio``: the teacher
+                   rewrote y instead of correcting it minimally (the free-form task's guard,
+                   docs/models.md), and the pair would push the policy towards a different
+                   answer rather than fix the one it gave
 =================  ===========================================================================
 
 Control bytes and refusals are checked on the raw answer (a refusal also right after an opening
@@ -32,10 +37,11 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from correction_rl.edits import normalized_edit_distance
 from correction_rl.teachers.templates import CorrectionTemplate
 from correction_rl.types import Rollout
 
-REASONS = ("truncated", "empty", "non_text", "refusal", "unparseable", "prompt_echo", "length_blowup")
+REASONS = ("truncated", "empty", "non_text", "refusal", "unparseable", "prompt_echo", "length_blowup", "over_edit")
 """Every reason ``validate`` can return."""
 
 DEFAULT_REFUSAL_PATTERNS: tuple[str, ...] = (
@@ -59,11 +65,15 @@ class ValidationRules:
     max_length_ratio: float = 4.0
     length_floor_chars: int = 32
     refusal_patterns: Sequence[str] = DEFAULT_REFUSAL_PATTERNS
+    max_edit_ratio: float | None = None
+    """``over_edit`` bound on the normalized character edit distance y -> y' (None: off)."""
     _compiled: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_length_ratio <= 0:
             raise ValueError(f"teacher.max_length_ratio must be > 0, got {self.max_length_ratio}")
+        if self.max_edit_ratio is not None and not 0 < self.max_edit_ratio <= 1:
+            raise ValueError(f"teacher.max_edit_ratio must be in (0, 1], got {self.max_edit_ratio}")
         compiled = []
         for pattern in self.refusal_patterns:
             try:
@@ -142,4 +152,6 @@ def validate(
     limit = rules.max_length_ratio * max(len(rollout.response_text), rules.length_floor_chars)
     if len(text) > limit:
         return Verdict(None, "length_blowup")
+    if rules.max_edit_ratio is not None and normalized_edit_distance(rollout.response_text, text) > rules.max_edit_ratio:
+        return Verdict(None, "over_edit")
     return Verdict(text)

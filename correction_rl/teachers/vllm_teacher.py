@@ -161,7 +161,10 @@ class VLLMTeacher:
             return self.renderer.ids(rollout.prompt)  # x as a chat: the conversation, rendered
         api = template.api if self.api == "auto" else self.api
         if api == "chat" and getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer.apply_chat_template(template.messages(rollout), add_generation_prompt=True, tokenize=True))
+            # render to text, then encode without special tokens (the template wrote them), as
+            # PromptRenderer does: ``tokenize=True`` returns a BatchEncoding in transformers 5
+            text = self.tokenizer.apply_chat_template(template.messages(rollout), add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(template.completion_prompt(rollout))["input_ids"])
 
     def _params(self, job: _Job):

@@ -171,12 +171,7 @@ def _train(cfg: WarmStartConfig, log):
     model.train()
     while step < cfg.max_steps and time.perf_counter() - start < cfg.time_limit_s:
         ids, mask, labels = _batch(list(itertools.islice(data, cfg.batch_size)), table)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = _sft_step(model, opt, sched, ids, mask, labels)
         step += 1
         if step % eval_every:
             continue
@@ -184,7 +179,7 @@ def _train(cfg: WarmStartConfig, log):
         accuracy = sum(by_task.values()) / len(by_task)
         history.append((step, accuracy))
         per_task = "" if len(by_task) == 1 else " (" + ", ".join(f"{k} {v:.3f}" for k, v in by_task.items()) + ")"
-        log(f"step {step}: loss {loss.item():.3f} held-out accuracy {accuracy:.3f}{per_task}")
+        log(f"step {step}: loss {loss:.3f} held-out accuracy {accuracy:.3f}{per_task}")
         if cfg.target_accuracy is not None:
             if accuracy >= cfg.target_accuracy:
                 reached = True
@@ -222,6 +217,54 @@ def _train(cfg: WarmStartConfig, log):
         accuracy_by_task=by_task,
     )
     return model.eval(), tokenizer, result
+
+
+def sft_chat(model, examples, *, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+             threads: int = 1, warmup_steps: int = 20, log=None) -> float:
+    """Supervised training of any causal LM on pre-tokenized ``(prompt_ids, answer_ids)`` pairs
+    (loss on the answer ids only, which end with the stop token): the warm start of the BPE chat
+    models, whose prompts are rendered by a chat template rather than written character by
+    character (``_batch``). Batches are drawn with replacement from ``examples`` by ``seed``;
+    returns the last loss. Used by ``tools/freeform.py`` (docs/models.md)."""
+    import random
+
+    import torch
+
+    log = log or (lambda line: print(line, flush=True))
+    rng, old_threads = random.Random(seed), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    pad = model.config.pad_token_id or 0
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    model.train()
+    loss_value = float("nan")
+    try:
+        for step in range(1, steps + 1):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+            width = max(len(x) + len(y) for x, y in batch)
+            ids = torch.tensor([x + y + [pad] * (width - len(x) - len(y)) for x, y in batch])
+            labels = torch.tensor([[-100] * len(x) + y + [-100] * (width - len(x) - len(y)) for x, y in batch])
+            mask = torch.tensor([[1] * (len(x) + len(y)) + [0] * (width - len(x) - len(y)) for x, y in batch])
+            loss_value = _sft_step(model, opt, sched, ids, mask, labels)
+            if step % 50 == 0 or step == steps:
+                log(f"step {step}: loss {loss_value:.3f}")
+    finally:
+        torch.set_num_threads(old_threads)
+    return loss_value
+
+
+def _sft_step(model, opt, sched, ids, mask, labels) -> float:
+    """One clipped AdamW step on the next-token loss of the unmasked labels; returns the loss."""
+    import torch
+
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def _snapshot(model, opt, sched, step: int):

@@ -176,7 +176,13 @@ def load_into_module(module: torch.nn.Module, update: WeightUpdate) -> int:
     """Copy ``update`` into ``module``'s parameters by name; every parameter must be covered
     (a partial update usually means a naming mismatch such as a ``module.`` prefix, which would
     otherwise leave the engine silently serving old weights). Returns the bytes copied."""
-    params = dict(module.named_parameters())
+    return copy_by_name(dict(module.named_parameters()), update, f"parameter of {type(module).__name__}")
+
+
+def copy_by_name(params: dict[str, torch.Tensor], update: WeightUpdate, what: str, hint: str = "") -> int:
+    """Copy every tensor of ``update`` into the tensor of ``params`` with its name, checking
+    names, shapes and that ``update`` covers all of ``params``; ``what`` names the target in
+    errors and ``hint`` says what a mismatch usually means. Returns the bytes copied."""
     missing = set(params)
     copied = 0
     with torch.no_grad():
@@ -184,21 +190,21 @@ def load_into_module(module: torch.nn.Module, update: WeightUpdate) -> int:
             param = params.get(name)
             if param is None:
                 raise KeyError(
-                    f"weight update v{update.version}: parameter {name!r} does not exist in "
-                    f"{type(module).__name__} (first of its parameters: {next(iter(params))!r})"
+                    f"weight update v{update.version}: no {what} is named {name!r} (first of "
+                    f"them: {next(iter(params), None)!r}){hint}"
                 )
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(
-                    f"weight update v{update.version}: parameter {name!r} has shape "
-                    f"{tuple(value.shape)}, the model expects {tuple(param.shape)}"
+                    f"weight update v{update.version}: {what} {name!r} has shape "
+                    f"{tuple(param.shape)}, the update's is {tuple(value.shape)}{hint}"
                 )
             param.copy_(value)
             missing.discard(name)
             copied += value.numel() * value.element_size()
     if missing:
         raise ValueError(
-            f"weight update v{update.version} does not cover {len(missing)} parameters of "
-            f"{type(module).__name__}, e.g. {sorted(missing)[:3]}"
+            f"weight update v{update.version} does not cover {len(missing)} parameters of the "
+            f"{len(params)} ({what}), e.g. {sorted(missing)[:3]}"
         )
     return copied
 
