@@ -128,6 +128,10 @@ def ray_local():
     cores so a whole run's actors fit; tests that start the Ray system share it."""
     import ray
 
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 8:
+        # an earlier test of this process started Ray with the machine's own CPU count (a run
+        # of the Ray system outside this fixture): too few logical CPUs for a whole run's actors
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
