@@ -47,8 +47,10 @@ class TeacherWorker:
         self.worker_id = worker_id
         self.teacher = build_teacher(cfg)
         # pi_ref on this worker's own device: a GPU only if its bundle holds one (Ray may one day
-        # stop hiding the node's GPUs from actors that asked for none)
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        # stop hiding the node's GPUs from actors that asked for none). Built outside an actor
+        # (tests use the class as a plain object) it must not start a Ray instance: get_gpu_ids
+        # would connect one with the machine's own CPU count.
+        device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.ingest = Ingest.from_config(cfg, load_tokenizer(cfg.model.path), device=device)
         """The one owner of pi_ref in a Ray run (one per teacher worker)."""
         self.clock = BusyClock()
