@@ -54,6 +54,19 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def read_yaml_file(path: Path, error: type[Exception], what: str) -> Any:
+    """``parse_yaml`` of a file, every way it can fail raised as one readable ``error`` naming
+    ``what`` and the path (run configs and sweep specs share it)."""
+    try:
+        return parse_yaml(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise error(f"{path}: not a readable YAML text file ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """``["--learner.lr", "1e-5", "--seed=3"]`` -> ``{"learner": {"lr": 1e-5}, "seed": 3}``.
 
@@ -124,14 +137,7 @@ def load_config(
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = parse_yaml(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (UnicodeDecodeError, IsADirectoryError) as exc:
-            raise ConfigError(f"{path}: not a readable YAML text file ({exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        loaded = read_yaml_file(path, ConfigError, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded or {}

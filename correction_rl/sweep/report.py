@@ -167,11 +167,11 @@ def render_plots(rows: Sequence[TrialResult], out: Path, headline: str) -> list[
     for ax, (condition, members) in zip(axes[0], conditions.items()):
         for i, a in enumerate(members):
             color = f"C{i % 10}"
-            finals = [(g, k) for r in a.ok if (c := gain_curve(r, headline, "sampled/kl")) for g, k in c[-1:]]
+            curves = [c for r in a.ok if (c := gain_curve(r, headline, "sampled/kl"))]
+            finals = [c[-1] for c in curves]
             if finals:
                 ax.scatter(*zip(*finals), color=color, label=f"{a.arm} (n={len(finals)})", zorder=3)
-            for r in a.ok:
-                c = gain_curve(r, headline, "sampled/kl")
+            for c in curves:
                 if len(c) > 1:
                     ax.plot(*zip(*c), color=color, alpha=0.3, linewidth=0.8)
         ax.set(xlabel=f"gain in {headline} (before − after)", ylabel="KL(pi || pi_init), sampled",

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from correction_rl.config import ConfigError
-from correction_rl.config.loading import parse_yaml
+from correction_rl.config.loading import read_yaml_file
 
 RESERVED = {"name": "the sweep names each trial's run itself",
             "output_dir": "trials run under SWEEP_DIR/trials",
@@ -204,14 +204,7 @@ def spec_from_dict(raw: Any, source: str = "sweep spec", default_name: str = "sw
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a spec file (duplicate keys refused, as for run configs)."""
     path = Path(path)
-    try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"sweep spec not found: {path}") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise SpecError(f"{path}: not a readable YAML text file ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml_file(path, SpecError, "sweep spec")
     return spec_from_dict(raw, source=str(path), default_name=path.stem)
 
 
