@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/correction-rl demo
+	$(VENV)/bin/correction-rl demo $(if $(CONFIG),--config $(CONFIG))
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -114,6 +114,40 @@ def test_max_edit_ratio_is_a_teacher_config_field():
         config_from_dict({"teacher": {"max_edit_ratio": 2}})
 
 
+# -- the teacher's training examples (tools/freeform.py) ------------------------------------------
+
+
+def test_teacher_examples_cover_each_kind_of_answer_and_always_target_the_clean_sentence():
+    from correction_rl.tools.freeform import DEFAULT_TEMPLATE_FILE, TEMPLATE_NAME, Y_KINDS, FreeformModels, teacher_pairs
+    from correction_rl.teachers.templates import load_template_file
+
+    cfg = FreeformModels(y_mix=(0.0, 1, 1, 1, 1, 1, 1))
+    examples = teacher_pairs(300, 0, cfg, policy_dir=None, split="eval")
+    assert examples == teacher_pairs(300, 0, cfg, policy_dir=None, split="eval")  # deterministic by seed
+    assert {e.kind for e in examples} == set(Y_KINDS) - {"policy"}
+    for e in examples:
+        x, y = e.rollout.prompt, e.rollout.response_text
+        assert x.meta["split"] == "eval" and e.target == x.answer
+        if e.kind == "clean":
+            assert y == e.target
+        elif e.kind == "copy":
+            assert y == x.text[len(PREFIX):] != e.target
+        elif e.kind == "typos":
+            assert y != e.target and normalized_edit_distance(y, e.target) < 0.3
+        elif e.kind == "other":
+            assert y in sentences() and y != e.target
+        elif e.kind == "cut":
+            assert e.target.startswith(y + " ")
+        else:
+            assert len(y) > len(e.target) and y.replace(" ", "") != e.target.replace(" ", "")
+    # the request shows the teacher the prompt x and the answer y: a clean but different answer
+    # is not "already correct" to it (the counter-example spelling_fix showed only y)
+    template = load_template_file(DEFAULT_TEMPLATE_FILE)[TEMPLATE_NAME]
+    other = next(e for e in examples if e.kind == "other")
+    user = template.messages(other.rollout)[-1]["content"]
+    assert other.rollout.prompt.text in user and other.rollout.response_text in user
+
+
 # -- end to end: a vLLM teacher corrects a BPE chat policy on the spelling task -------------------
 
 
@@ -142,7 +176,7 @@ def test_training_run_with_a_vllm_teacher_on_the_free_form_task(tmp_path):
         "teacher": {"kind": "vllm", "vllm": {"model_path": str(models / "teacher"), "max_model_len": 256},
                     "template_file": str(DEFAULT_TEMPLATE_FILE), "templates_by_task": {"spelling": TEMPLATE_NAME},
                     "max_new_tokens": 48, "max_concurrency": 16, "max_edit_ratio": 0.5},
-        "objective": {"form": "logistic", "beta": 0.5, "anchor_weight": 1.0, "noop_policy": "anchor_only"},
+        "objective": {"form": "logistic", "beta": 0.5, "anchor_weight": 1.0, "noop_policy": "drop"},
         "learner": {"backend": "torch", "lr": 5e-4, "micro_batch_pairs": 16},
         "buffer": {"min_fresh_pairs": 4, "max_staleness": 1},
         "eval": {"every_steps": 0, "num_prompts": 8, "sampled": False, "teacher": "run"},
@@ -156,6 +190,8 @@ def test_training_run_with_a_vllm_teacher_on_the_free_form_task(tmp_path):
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "train/loss" in r][-1]
     assert last["teacher/accepted"] >= 4 and last["teacher/completion_tokens"] > 0
+    # the saved policy is a whole HF directory: its tokenizer and chat template came along
+    assert load_tokenizer(result.run_dir / "policy").chat_template == load_tokenizer(models / "policy").chat_template
     pairs = list(read(result.run_dir / "corrections.jsonl"))
     assert len(pairs) >= 4 and {p.teacher for p in pairs} == {"vllm"}
     tok = load_tokenizer(models / "policy")
@@ -167,3 +203,15 @@ def test_training_run_with_a_vllm_teacher_on_the_free_form_task(tmp_path):
         prompt = Prompt(p.prompt_id, PREFIX + "x", "spelling")
         assert validate(fixed, Rollout(prompt, [], [], y, 0), template, rules).text == fixed
         assert normalized_edit_distance(y, fixed) <= 0.5
+
+
+def test_the_demo_refuses_a_free_form_config_whose_models_it_cannot_make_together(tmp_path):
+    """``make demo CONFIG=configs/freeform_demo.yaml`` makes the policy and the teacher into one
+    directory (the teacher is trained on samples of that policy): a config that puts them apart
+    is refused before anything is trained."""
+    from correction_rl.errors import UserError
+    from correction_rl.tools.demo import _make_freeform_models
+
+    with pytest.raises(UserError, match="teacher.vllm.model_path"):
+        _make_freeform_models(tmp_path / "a" / "policy", tmp_path / "b" / "teacher")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

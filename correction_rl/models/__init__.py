@@ -18,6 +18,7 @@ from correction_rl.models.family import (
     ModelShape,
     ModelSize,
     build_model,
+    copy_tokenizer,
     count_parameters,
     load_model,
     load_tokenizer,
@@ -28,6 +29,6 @@ from correction_rl.models.make import TOKENIZERS, build_family_tokenizer, cli, m
 __all__ = [
     "ALPHABET", "ARCHS", "Arch", "BOS", "EOS", "ModelShape", "ModelSize", "PAD", "SHAPES",
     "SPECIAL_TOKENS", "TOKENIZERS", "UNK", "build_family_tokenizer", "build_model",
-    "build_tokenizer", "cli", "count_parameters", "load_model", "load_tokenizer", "make_model",
+    "build_tokenizer", "cli", "copy_tokenizer", "count_parameters", "load_model", "load_tokenizer", "make_model",
     "stop_ids", "vocab",
 ]

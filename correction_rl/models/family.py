@@ -115,5 +115,12 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def copy_tokenizer(source: str | Path, model_dir: str | Path) -> None:
+    """Write the tokenizer of ``source`` (its chat template included) into ``model_dir``: the
+    learner saves weights only, and a run's ``policy/`` must load on its own
+    (``correction-rl eval --model RUN/policy``, vLLM, ``models.load_tokenizer``)."""
+    load_tokenizer(source).save_pretrained(str(model_dir))
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -31,6 +31,7 @@ from typing import Any, Callable, Protocol
 
 from correction_rl.buffer.replay import BufferStateError
 from correction_rl.config import RunConfig, dump_config, to_dict
+from correction_rl.models import copy_tokenizer
 from correction_rl.run.checkpoint import Checkpoint, CheckpointError, check_compatible, list_checkpoints, verify
 from correction_rl.run.directory import RunDirectory, RunDirectoryError
 from correction_rl.run.evaluation import EvalMetrics, EvalReport
@@ -221,6 +222,7 @@ def run_session(cfg: RunConfig, start: Callable[[RunDirectory], Session]) -> Run
             save_report(after, run_dir.path / "eval_after.json")
             sink.log(after.as_metrics(), step=session.version)
             session.save_policy(run_dir.path / "policy")
+            copy_tokenizer(cfg.model.path, run_dir.path / "policy")
             session.write_checkpoint(wandb_id)
             return RunResult(run_dir.path, session.version, before, after)
         finally:
