@@ -214,3 +214,58 @@ def test_a_failed_start_leaves_no_run_directory_behind(tiny_model_dir, tmp_path)
     with pytest.raises(RuntimeError, match="could not start"):
         run_session(cfg, start)
     assert existing.is_dir()  # not created by this call: left where it was
+
+
+# -- a failed resume or an interrupted move_aside loses nothing ----------------------------------
+
+def test_a_resume_that_restores_no_checkpoint_leaves_the_runs_config_as_it_was(finished_run, tmp_path, capsys):
+    """config.yaml is the base of the next ``--resume``: a resume that fails must not replace
+    it with the overrides it was given (it is written only once a checkpoint restored)."""
+    run_dir = _copy(finished_run, tmp_path)
+    log = run_dir / "corrections.jsonl"
+    log.write_bytes(log.read_bytes().splitlines(keepends=True)[0])  # the header: no pair of any checkpoint
+    before = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert cli(["--resume", str(run_dir), "--total_steps", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint could be restored (2 tried" in err
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert not (run_dir / "config.yaml.partial").exists()
+
+
+def test_an_interrupted_move_aside_is_finished_by_the_next_start(tmp_path, capsys):
+    """A kill in the middle of ``move_aside`` left some files in a ``.partial`` sibling and the
+    rest in the run directory; the next start moves the rest into the SAME directory and only
+    then gives it its final name, so the previous run is never split."""
+    run_dir = tmp_path / "runs" / "x"
+    (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    partial = tmp_path / "runs" / "x.old-20261130-060000.partial"
+    partial.mkdir()
+    (partial / "eval_before.json").write_text("{}")  # moved before the kill
+    with RunDirectory.open(run_dir) as rd:
+        rd.make_room("move_aside")
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    siblings = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert siblings == ["x", "x.old-20261130-060000"]
+    aside = tmp_path / "runs" / "x.old-20261130-060000"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "eval_before.json", "metrics.jsonl"]
+    assert "finished moving the previous run's files" in capsys.readouterr().err
+
+    # killed after the last file moved but before the rename: the run directory looks empty,
+    # and the next start (refusing by default) still finishes the move instead of leaving it
+    partial = tmp_path / "runs" / "x.old-20261130-070000.partial"
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text('{"step": 0}\n')
+    with RunDirectory.open(run_dir) as rd:
+        rd.make_room("refuse")
+    assert (tmp_path / "runs" / "x.old-20261130-070000" / "metrics.jsonl").exists() and not partial.exists()
+
+
+def test_the_config_is_written_whole_or_not_at_all(tmp_path):
+    from correction_rl.config import dump_config
+
+    path = dump_config(load_config(None, ["--total_steps", "7"]), tmp_path / "config.yaml")
+    assert yaml.safe_load(path.read_text())["total_steps"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # written aside, then renamed

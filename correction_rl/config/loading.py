@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -219,5 +220,7 @@ def dump_config(config: RunConfig, path: str | Path) -> Path:
     """Write the resolved config (what actually ran) as YAML; ``load_config`` reads it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    partial = path.with_name(path.name + ".partial")  # a kill mid-write must not tear the file a resume reads
+    partial.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    os.replace(partial, path)
     return path

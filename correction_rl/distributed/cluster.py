@@ -31,6 +31,7 @@ from correction_rl.distributed.actors import (
     RolloutWorker,
     TeacherWorker,
 )
+from correction_rl.distributed.actors.start_errors import reporting_start_errors
 from correction_rl.types import Prompt
 from correction_rl.errors import UserError
 
@@ -344,21 +345,21 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
     )
     learners = []
     for rank in range(res.num_learner_ranks):
-        actor_cls = ray.remote(LearnerRank).options(**options(index, max_restarts=0))
+        actor_cls = ray.remote(reporting_start_errors(LearnerRank)).options(**options(index, max_restarts=0))
         learners.append(actor_cls.remote(cfg, rank, res.num_learner_ranks, master[0], master[1]))
         index += 1
     shards = [ray.put(train_prompts[i :: res.num_rollout_workers]) for i in range(res.num_rollout_workers)]
     rollout_workers = []
     drill = _drill_env()
     for worker_id in range(res.num_rollout_workers):
-        actor_cls = ray.remote(RolloutWorker).options(
+        actor_cls = ray.remote(reporting_start_errors(RolloutWorker)).options(
             **options(index, max_concurrency=4, max_restarts=res.max_actor_restarts, **drill)
         )
         rollout_workers.append(actor_cls.remote(cfg, worker_id, shards[worker_id]))
         index += 1
     teachers = []
     for worker_id in range(res.num_teacher_workers):
-        actor_cls = ray.remote(TeacherWorker).options(
+        actor_cls = ray.remote(reporting_start_errors(TeacherWorker)).options(
             **options(index, max_concurrency=2, max_restarts=res.max_actor_restarts, max_task_retries=2)
         )
         teachers.append(actor_cls.remote(cfg, worker_id))
@@ -377,4 +378,7 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
             f"actors did not start within resources.start_timeout_s={res.start_timeout_s:.0f} s "
             "(engine start-up, learner rendezvous or model loading hung)"
         ) from None
+    except ray.exceptions.RayError:  # a constructor failed: its error (start_errors.py) propagates
+        cluster.shutdown()
+        raise
     return cluster

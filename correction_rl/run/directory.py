@@ -19,6 +19,7 @@ to ``<run_dir>.old-<time>`` next to it), and it says which it did.
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import shutil
 import sys
@@ -28,7 +29,7 @@ from typing import Literal
 from correction_rl.errors import UserError
 
 LOCK = ".lock"
-SCAFFOLD = {LOCK, "config.yaml"}
+SCAFFOLD = {LOCK, "config.yaml", "config.yaml.partial"}
 """Files that do not make a directory hold a run's data: the lock and the config (rewritten by
 every start)."""
 
@@ -102,6 +103,8 @@ class RunDirectory:
     def make_room(self, on_existing: str) -> None:
         """A fresh start (step 0) in a directory that holds a previous run's data: refuse, or
         clear it as ``on_existing`` says, and say on stderr what was done."""
+        if self._pending_move_aside():  # a move_aside a kill interrupted: finish it first
+            print(f"note: finished moving the previous run's files to {self._move_aside()}", file=sys.stderr, flush=True)
         if not self.holds_data():
             return
         found = sorted(p.name for p in self.path.iterdir() if p.name != LOCK and _holds_data(p))
@@ -112,15 +115,7 @@ class RunDirectory:
             print(f"note: deleted the previous run's files in {self.path} ({', '.join(found)}); "
                   "checkpoint.on_existing=overwrite", file=sys.stderr, flush=True)
         elif on_existing == "move_aside":
-            aside = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            n = 1
-            while aside.exists():
-                aside = aside.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-                n += 1
-            aside.mkdir()
-            for p in self.path.iterdir():
-                if p.name != LOCK:
-                    p.rename(aside / p.name)
+            aside = self._move_aside()
             print(f"note: moved the previous run's files from {self.path} to {aside}; "
                   "checkpoint.on_existing=move_aside", file=sys.stderr, flush=True)
         elif on_existing == "refuse":
@@ -131,6 +126,30 @@ class RunDirectory:
             )
         else:
             raise RunDirectoryError(f"checkpoint.on_existing={on_existing!r}: expected refuse, overwrite or move_aside")
+
+    def _pending_move_aside(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{glob.escape(self.path.name)}.old-*.partial"))
+
+    def _move_aside(self) -> Path:
+        """Move every file but the lock into a sibling ``NAME.old-<time>``, all or nothing as
+        seen from outside: the files go into ``NAME.old-<time>.partial`` first, which is renamed
+        when all are in. A move that was interrupted (a kill) left that ``.partial`` behind; the
+        next one finishes it, so the previous run is never split over two directories."""
+        pending = self._pending_move_aside()
+        if pending:
+            staging = pending[0]
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            staging, n = self.path.with_name(f"{self.path.name}.old-{stamp}.partial"), 1
+            while staging.exists() or staging.with_suffix("").exists():
+                staging, n = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}.partial"), n + 1
+            staging.mkdir()
+        for p in self.path.iterdir():
+            if p.name != LOCK:
+                p.rename(staging / p.name)
+        aside = staging.with_suffix("")
+        staging.rename(aside)
+        return aside
 
     def remove_if_empty(self) -> bool:
         """After a failed start: remove the directory if this process created it and it holds

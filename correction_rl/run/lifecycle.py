@@ -7,11 +7,12 @@ says how to evaluate, restore, train, save and close (the ``Session`` Protocol).
 1. take the run directory's lock, before writing anything (``run/directory.py``);
 2. apply ``checkpoint.resume``: the verified checkpoints, newest first; or, for a start at step
    0 in a directory holding an old run, ``checkpoint.on_existing`` (refuse by default);
-3. write ``config.yaml``; start the session;
+3. a fresh start writes ``config.yaml``; start the session;
 4. evaluate before training (a resume reads ``eval_before.json`` instead), then restore the
    newest checkpoint that CAN be restored: one that fails (a state of the wrong shape, a buffer
    state that disagrees with the correction log) is reported on stderr in one line and the next
-   older one is tried, exactly like one with a bad hash;
+   older one is tried, exactly like one with a bad hash. A resume writes ``config.yaml`` only
+   once a checkpoint restored, so a failed resume leaves the run's config as it was;
 5. open the metric sink (continuing the checkpoint's W&B run), train, evaluate after, save the
    policy and a final checkpoint; close everything, and remove a run directory this call
    created if a failure left nothing in it.
@@ -198,7 +199,7 @@ def run_session(cfg: RunConfig, start: Callable[[RunDirectory], Session]) -> Run
         candidates = find_checkpoints(cfg)
         if not candidates:
             run_dir.make_room(cfg.checkpoint.on_existing)
-        dump_config(cfg, run_dir.path / "config.yaml")
+            dump_config(cfg, run_dir.path / "config.yaml")  # a resume keeps the old one until it restored
         session = start(run_dir)
         sink = None
         try:
@@ -216,6 +217,7 @@ def run_session(cfg: RunConfig, start: Callable[[RunDirectory], Session]) -> Run
             if fresh_before:
                 sink.log(before.as_metrics(), step=0)
             if ckpt is not None and resume is not None:
+                dump_config(cfg, run_dir.path / "config.yaml")
                 print(resume.summary(ckpt.path), file=sys.stderr, flush=True)
             session.train(sink, resume, wandb_id)
             after = session.evaluate()
