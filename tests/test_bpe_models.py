@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from _helpers import overfit
+
 from correction_rl.cli import main as cli_main
 from correction_rl.models import build_family_tokenizer, build_model, load_model, load_tokenizer, make_model, stop_ids
 from correction_rl.models.bpe import ENDOFTEXT, IM_END, IM_START, PAD, chatml, train_core
@@ -114,27 +116,8 @@ def chat_ids(tok, prompt: str) -> list[int]:
 def train_chat(model, tok, steps: int = 100, lr: float = 3e-3) -> None:
     """Overfit ``CHAT_EXAMPLES`` rendered with the template, each answer ending in its stop
     token, so greedy outputs are far from ties."""
-    seqs = [chat_ids(tok, p) + tok(a + stop, add_special_tokens=False)["input_ids"] for p, a, stop in CHAT_EXAMPLES]
-    width = max(map(len, seqs))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    labels = ids.masked_fill(mask == 0, -100)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 10-30x faster than 2 threads on a shared, oversubscribed 2-core machine
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            for _ in range(steps):
-                loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    overfit(model, tok, [chat_ids(tok, p) + tok(a + stop, add_special_tokens=False)["input_ids"]
+                         for p, a, stop in CHAT_EXAMPLES], steps, lr)
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -13,6 +13,8 @@ import importlib.util
 import pytest
 import torch
 
+from _helpers import overfit
+
 from correction_rl.config import ConfigError, load_config
 from correction_rl.models import load_model, load_tokenizer, make_model
 from correction_rl.models.bpe import ENDOFTEXT, IM_END, chatml
@@ -41,27 +43,8 @@ def _train(model, tok, renderer: PromptRenderer, steps: int = 120, lr: float = 3
     """Overfit the examples as the renderer renders them (system prompt included), each answer
     followed by its stop token; the conversation prompt answers like "Say bye."."""
     targets = [(p, a, s) for p, (_, a, s) in zip(_prompts(), EXAMPLES + [EXAMPLES[-1]])]
-    seqs = [renderer.ids(p) + tok(a + s, add_special_tokens=False)["input_ids"] for p, a, s in targets]
-    width = max(map(len, seqs))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    labels = ids.masked_fill(mask == 0, -100)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            for _ in range(steps):
-                loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    overfit(model, tok, [renderer.ids(p) + tok(a + s, add_special_tokens=False)["input_ids"] for p, a, s in targets],
+            steps, lr)
 
 
 @pytest.fixture(scope="module")

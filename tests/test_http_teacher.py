@@ -203,9 +203,9 @@ def test_circuit_breaker_fails_fast_then_recovers(fault_server, monkeypatch):
 
 
 def test_unreachable_endpoint_is_a_counted_rejection(monkeypatch):
-    from tests.conftest import _free_loopback_port
+    from _helpers import free_loopback_port
 
-    t = teacher(f"http://127.0.0.1:{_free_loopback_port()}/v1", monkeypatch, max_retries=1)
+    t = teacher(f"http://127.0.0.1:{free_loopback_port()}/v1", monkeypatch, max_retries=1)
     try:
         out = t.correct(rollouts(WORDS[:2]))
     finally:

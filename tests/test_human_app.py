@@ -308,6 +308,82 @@ def test_a_closed_tabs_lease_expires_and_the_item_is_stored_once(app_server):
     assert queue.counts() == {"pending": 0, "leased": 0, "done": 1, "cancelled": 0}
 
 
+# -- a chat prompt: the whole conversation on the page ------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "You fix spelling. <b>Only</b> spelling."},
+                {"role": "user", "content": "Fix: teh cat"},
+                {"role": "assistant", "content": "the cat"},
+                {"role": "user", "content": f"Now this: {EVIL}"}]
+
+
+def chat_rollout(response: str = "Now this: fixed") -> Rollout:
+    prompt = Prompt(prompt_id="chat0", text=CONVERSATION[-1]["content"], task="spelling", messages=CONVERSATION)
+    return Rollout(prompt=prompt, prompt_ids=[1], response_ids=[2], response_text=response, policy_version=0)
+
+
+def test_a_chat_item_carries_its_whole_conversation_and_old_queue_files_open(app_server, tmp_path):
+    """The API hands the page every turn, in order, as JSON text; a plain prompt has none; a
+    queue file written before conversations were stored gains the column and still serves."""
+    queue, server = app_server
+    chat_id, plain_id = queue.enqueue([chat_rollout(), *rollouts(["1 + 1 = 3"])])
+    with httpx.Client(base_url=server.url) as c:
+        first = c.post("/api/next", json={}, headers=auth(ALICE, **POST)).json()["item"]
+        second = c.post("/api/next", json={}, headers=auth(BOB, **POST)).json()["item"]
+    assert first["item_id"] == chat_id and first["messages"] == CONVERSATION
+    assert first["prompt"] == f"Now this: {EVIL}"  # the last user turn, as before
+    assert second["item_id"] == plain_id and second["messages"] is None
+    import sqlite3
+
+    old = tmp_path / "old.sqlite"  # the schema before the messages column
+    with sqlite3.connect(old) as db:
+        db.executescript(SCHEMA_BEFORE_MESSAGES)
+        db.execute("INSERT INTO items (item_id, prompt_id, prompt, response, task, enqueued_at) "
+                   "VALUES ('i1', 'p1', 'Prompt 1', '2 + 2 = 5', 'addition', 1.0)")
+    reopened = CorrectionQueue(old)
+    assert reopened.lease("alice").public()["messages"] is None
+    (added,) = reopened.enqueue([chat_rollout()])
+    assert reopened.get(added).public()["messages"] == CONVERSATION
+
+
+SCHEMA_BEFORE_MESSAGES = """
+CREATE TABLE items (item_id TEXT PRIMARY KEY, prompt_id TEXT NOT NULL, prompt TEXT NOT NULL,
+    response TEXT NOT NULL, task TEXT NOT NULL DEFAULT '', state TEXT NOT NULL DEFAULT 'pending',
+    enqueued_at REAL NOT NULL, lease_owner TEXT, leased_at REAL, lease_expires REAL,
+    leases INTEGER NOT NULL DEFAULT 0, corrected TEXT, annotator TEXT, done_at REAL, edit_distance INTEGER);
+CREATE TABLE skips (item_id TEXT NOT NULL, annotator TEXT NOT NULL, PRIMARY KEY (item_id, annotator));
+"""
+
+
+@needs_browser
+def test_headless_chromium_shows_the_whole_conversation_as_text(app_server):
+    """System, user, assistant and user turns, in order, each labelled with its role, markup in
+    them shown as text (no element made from it, no script run); then a plain prompt shows as
+    before (the conversation list hidden)."""
+    from selenium.webdriver.common.by import By
+
+    queue, server = app_server
+    queue.lease_timeout_s = 60.0
+    chat_id, plain_id = queue.enqueue([chat_rollout(), *rollouts(["5 + 5 = 11"])])
+    with chrome() as d:
+        d.get(f"{server.url}/#token={ALICE}")
+        assert wait_js(d, SHOWN_ITEM) == chat_id
+        turns = d.find_elements(By.CSS_SELECTOR, "#conversation > li")
+        shown = [(li.get_attribute("data-role"), li.find_element(By.CLASS_NAME, "role").text.lower(),
+                  li.find_element(By.TAG_NAME, "pre").text) for li in turns]
+        assert shown == [(m["role"], m["role"], m["content"]) for m in CONVERSATION]
+        assert d.find_element(By.ID, "conversation").is_displayed() and not d.find_element(By.ID, "prompt").is_displayed()
+        assert d.find_element(By.ID, "prompt-heading").text == "Conversation"
+        assert d.execute_script("return document.querySelectorAll('#work img, #work script, #work b').length") == 0
+        assert "&lt;b&gt;Only&lt;/b&gt;" in d.execute_script("return document.getElementById('conversation').innerHTML")
+        assert d.title == "correction-rl: correct responses"
+        d.find_element(By.ID, "skip").click()
+        assert wait_js(d, f"document.body.dataset.item !== '{chat_id}' && {SHOWN_ITEM}") == plain_id
+        assert not d.find_element(By.ID, "conversation").is_displayed()
+        assert d.find_element(By.ID, "prompt").text == "Prompt 0: 5 + 5 = 11"
+        assert d.find_element(By.ID, "prompt-heading").text == "Prompt"
+        assert d.find_elements(By.CSS_SELECTOR, "#conversation > li") == []
+
+
 # -- one app per queue file, whichever process holds its lock ----------------------------------
 
 SERVE_CHILD = """

@@ -202,6 +202,25 @@ def test_offline_export_then_import_feeds_the_waiting_teacher(tmp_path):
     assert teacher.metrics()["teacher/human/edit_distance_mean/carol"] == 1.0
 
 
+def test_offline_export_of_a_chat_prompt_carries_the_conversation_and_imports_back(tmp_path):
+    """A chat prompt's line has its whole conversation (``prompt`` is the last user turn); a
+    tool that echoes the line back with ``corrected`` added imports cleanly."""
+    conversation = [{"role": "system", "content": "Fix spelling."}, {"role": "user", "content": "teh"},
+                    {"role": "assistant", "content": "the"}, {"role": "user", "content": "recieve"}]
+    q = CorrectionQueue(tmp_path / "q.sqlite")
+    chat = Rollout(prompt=Prompt(prompt_id="c", text="recieve", messages=conversation), prompt_ids=[1],
+                   response_ids=[2], response_text="recieve", policy_version=0)
+    chat_id, plain_id = q.enqueue([chat, *rollouts(["3"])])
+    out = tmp_path / "pending.jsonl"
+    assert export_pending(q, out) == 2
+    lines = {r["item_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert lines[chat_id]["messages"] == conversation and lines[chat_id]["prompt"] == "recieve"
+    assert "messages" not in lines[plain_id]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({**lines[chat_id], "corrected": "receive"}) + "\n")
+    assert import_corrections(q, answers).stored == 1 and q.get(chat_id).corrected == "receive"
+
+
 def test_import_names_file_and_line_of_every_bad_line_and_stores_nothing(tmp_path):
     q = CorrectionQueue(tmp_path / "q.sqlite")
     good, done = q.enqueue(rollouts(["1", "2"]))

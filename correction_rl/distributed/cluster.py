@@ -17,7 +17,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -322,7 +322,7 @@ class Cluster:
         remove_placement_group(self.group)
 
 
-def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
+def start_cluster(cfg: RunConfig, train_prompts: Sequence[Prompt]) -> Cluster:
     """Reserve resources, create every actor, and wait until all are constructed."""
     res = cfg.resources
     group, roles, bundles = reserve(cfg)
@@ -348,6 +348,7 @@ def start_cluster(cfg: RunConfig, train_prompts: list[Prompt]) -> Cluster:
         actor_cls = ray.remote(reporting_start_errors(LearnerRank)).options(**options(index, max_restarts=0))
         learners.append(actor_cls.remote(cfg, rank, res.num_learner_ranks, master[0], master[1]))
         index += 1
+    # a list of prompts, or a dataset's row numbers (prompts/indexed.py: each worker reads its rows)
     shards = [ray.put(train_prompts[i :: res.num_rollout_workers]) for i in range(res.num_rollout_workers)]
     rollout_workers = []
     drill = _drill_env()

@@ -8,9 +8,11 @@ datasets), under their own column names, often with chat ``messages`` instead of
 Three properties matter at scale, and each shapes the code below:
 
 * **Streaming.** A million-row set must not load into memory. Files are read with
-  ``load_dataset(..., streaming=True)`` (an ``IterableDataset``: JSON in 1 MB chunks, parquet by
-  row group); ``save_to_disk`` directories are memory-mapped Arrow (``load_from_disk``), so
-  iterating them pages rows in from disk. ``iter_prompts`` yields prompts as rows arrive.
+  ``load_dataset(..., streaming=True)`` (an ``IterableDataset``: JSON in 1 MB chunks, parquet
+  10,000 rows at a time); ``save_to_disk`` directories are memory-mapped Arrow (``load_from_disk``), so
+  iterating them pages rows in from disk. ``iter_prompts`` yields prompts as rows arrive. A
+  run's *training* prompts are not collected either: ``prompts/indexed.py`` keeps their row
+  numbers and reads each prompt by row (``open_by_row``) when the stream draws it.
 * **A split that needs no whole set.** Whether a row is held out is decided from a hash of the
   seed and the row's key (its id field, else its index), row by row, so train and held-out
   prompts are disjoint and reproducible without counting or shuffling the set first. With an id
@@ -44,6 +46,9 @@ BATCH_ROWS = 256
 """Rows fetched from the reader at a time."""
 JSON_CHUNK_BYTES = 1 << 20
 """JSON is parsed this many bytes at a time: the memory a JSONL stream holds at once."""
+PARQUET_BATCH_ROWS = 10_000
+"""Parquet is read this many rows at a time (the library's default is a whole row group, which
+writers often make 100k+ rows: ~90 MB more peak memory on a 1M-row chat set)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -132,7 +137,9 @@ def load_prompts(
 ) -> list[Prompt]:
     """``iter_prompts`` collected into a list, all or nothing: any bad row (up to ``limit``
     prompts) raises before a single prompt is returned. Duplicate prompt ids are refused here
-    (a streaming reader cannot hold every id of a million rows to compare)."""
+    (``iter_prompts`` holds no ids; ``indexed.index_prompts`` compares 64-bit hashes of them).
+    It holds every prompt, so it is for sets that fit in memory; a run's training prompts go
+    through ``indexed.index_prompts`` instead (row numbers, the same validation)."""
     prompts = list(iter_prompts(source, split, held_out_fraction, seed, limit))
     seen: dict[str, int] = {}
     for prompt in prompts:
@@ -264,8 +271,18 @@ def _reader_row(exc: Exception, index: int) -> str:
     return f"row {index + int(found.group(1))}" if found else f"row {index} or after"
 
 
-def _open(source: DatasetSource):
-    """A ``datasets`` ``Dataset`` (memory-mapped) or ``IterableDataset`` (streamed) of the rows."""
+def open_by_row(source: DatasetSource):
+    """``source`` as a random-access ``datasets.Dataset``: memory-mapped Arrow, so reading row
+    ``i`` pages in that row only. ``save_to_disk`` directories are opened as they are; files
+    (and hub sets) are converted once into the library's Arrow cache (``HF_DATASETS_CACHE``,
+    reused while the files are unchanged). Call it on a source ``iter_prompts`` read through:
+    its rows come in the same order (the same reader, not streamed)."""
+    return _open(source, streaming=False)
+
+
+def _open(source: DatasetSource, streaming: bool = True):
+    """A ``datasets`` ``Dataset`` (memory-mapped) or ``IterableDataset`` (streamed) of the rows;
+    ``streaming=False``: always a ``Dataset``."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -274,19 +291,19 @@ def _open(source: DatasetSource):
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             return _from_disk(source, path)
         _check_split_name(source, ["train"])
-        return _stream_files(source, _data_files(path), _builder_of_dir(path))
+        return _load_files(source, _data_files(path), _builder_of_dir(path), streaming)
     if path.suffix in FILE_BUILDERS:
         if not path.exists():
             raise DatasetError(f"{source.path}: file not found")
         if path.stat().st_size == 0:
             raise DatasetError(f"{source.path}: empty dataset (the file is empty)")
         _check_split_name(source, ["train"])
-        return _stream_files(source, [str(path)], FILE_BUILDERS[path.suffix])
+        return _load_files(source, [str(path)], FILE_BUILDERS[path.suffix], streaming)
     if path.exists():
         raise DatasetError(f"{source.path}: unsupported file type {path.suffix!r}; allowed: {sorted(FILE_BUILDERS)}")
     if _HUB_ID.match(source.path):
         try:
-            return datasets.load_dataset(source.path, split=source.split, streaming=True)
+            return datasets.load_dataset(source.path, split=source.split, streaming=streaming)
         except Exception as exc:  # offline machine, unknown id, unknown split
             raise DatasetError(f"{source.path}: no such local path, and could not open it as a hub dataset ({type(exc).__name__}: {exc})") from exc
     raise DatasetError(f"{source.path}: no such file or directory (nor a hub id 'owner/name')")
@@ -324,15 +341,16 @@ def _arrow_rows(path: Path) -> int:
     return total
 
 
-def _stream_files(source: DatasetSource, files: list[str], builder: str):
+def _load_files(source: DatasetSource, files: list[str], builder: str, streaming: bool = True):
     import datasets
 
     # on_mixed_types=None: by default the JSON reader turns a column of mixed types into JSON
     # values and decodes its strings again ("0" becomes 0), silently; strict typing makes such
     # a row an error naming the column and the row instead.
-    options = {"chunksize": JSON_CHUNK_BYTES, "on_mixed_types": None} if builder == "json" else {}
+    options = ({"chunksize": JSON_CHUNK_BYTES, "on_mixed_types": None} if builder == "json"
+               else {"batch_size": PARQUET_BATCH_ROWS})
     try:
-        stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+        stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **options)
     except Exception as exc:
         raise DatasetError(f"{source.path}: could not open ({type(exc).__name__}: {exc})") from exc
     return stream
@@ -370,38 +388,3 @@ def _check_split_args(split: str, fraction: float, limit: int | None) -> None:
         raise DatasetError("split 'held_out' with held_out_fraction 0 selects no rows")
     if limit is not None and limit < 0:
         raise DatasetError(f"limit must be >= 0, got {limit}")
-
-
-# --- a run's prompts from its config (``task.dataset``) --------------------------------------
-
-
-def source_from_config(task: Any) -> DatasetSource:
-    """The ``DatasetSource`` of a ``TaskConfig`` (``task.dataset`` and its field mapping)."""
-    fields = FieldMap(prompt=task.prompt_field, messages=task.messages_field, answer=task.answer_field,
-                      id=task.id_field)
-    return DatasetSource(task.dataset, split=task.dataset_split, fields=fields)
-
-
-def dataset_run_prompts(cfg: Any) -> tuple[list[Prompt], list[Prompt]]:
-    """(training prompts, held-out prompts) of a run whose ``task.dataset`` is set.
-
-    The training part is read whole and validated row by row before anything is returned (every
-    row of the set passes ``row_to_prompt`` on the way, held-out rows included), so a bad row
-    anywhere stops the run before it starts and names the file and row. The held-out part is
-    then streamed only as far as ``min(task.num_eval, eval.num_prompts)`` prompts. Dataset
-    prompts carry no task an oracle can check, so an oracle teacher is refused here, before
-    anything is read."""
-    from correction_rl.config import ConfigError
-
-    task = cfg.task
-    if cfg.teacher.kind == "oracle" or cfg.eval.teacher == "oracle":
-        which = "teacher.kind" if cfg.teacher.kind == "oracle" else "eval.teacher"
-        raise ConfigError(
-            f"task.dataset: dataset prompts carry no task an oracle can check, but {which} is 'oracle'; "
-            "use teacher.kind vllm, http or human and eval.teacher: run"
-        )
-    source = source_from_config(task)
-    train = load_prompts(source, "train", task.held_out_fraction, task.split_seed)
-    held_out = list(iter_prompts(source, "held_out", task.held_out_fraction, task.split_seed,
-                                 limit=min(task.num_eval, cfg.eval.num_prompts)))
-    return train, held_out

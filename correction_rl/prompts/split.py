@@ -8,16 +8,17 @@ no split of its own, and evaluating on training prompts would measure memorisati
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from correction_rl.config import RunConfig
 from correction_rl.types import Prompt
 
 
 class RunPrompts(NamedTuple):
-    train: list[Prompt]
+    train: Sequence[Prompt]
     """What the rollout stream draws from: ``task.prompts_file`` if set, else ``task.num_train``
-    generated prompts per task."""
+    generated prompts per task (lists); for ``task.dataset``, ``indexed.DatasetPrompts`` (row
+    numbers of the training rows, each prompt read when drawn: a large set is never in memory)."""
     held_out: list[Prompt]
     """What evaluation measures: ``min(task.num_eval, eval.num_prompts)`` per task of
     ``eval.tasks`` (default: ``task.names``), ``eval`` split."""
@@ -30,7 +31,7 @@ def train_and_held_out(cfg: RunConfig) -> RunPrompts:
 
     task = cfg.task
     if task.dataset:  # a dataset's own seeded split: training rows and held-out rows
-        from correction_rl.prompts.datasets import dataset_run_prompts
+        from correction_rl.prompts.indexed import dataset_run_prompts
 
         return RunPrompts(*dataset_run_prompts(cfg))
     per_task = min(task.num_eval, cfg.eval.num_prompts)

@@ -1,7 +1,8 @@
 """Offline mode: export open items to JSONL, import corrections from JSONL.
 
 For annotation tools people already use (Label Studio, Argilla, a spreadsheet): export gives
-one ``{"item_id", "prompt", "response", "task"}`` object per line; the tool (or a person) adds
+one ``{"item_id", "prompt", "response", "task"}`` object per line (plus ``"messages"``, the whole
+conversation, for a chat prompt: ``prompt`` is then its last user message); the tool (or a person) adds
 ``"corrected"`` (y') and optionally ``"annotator"``; import validates every line first and
 stores nothing unless the whole file is valid, with errors that name ``file:line``. The store
 itself is one transaction that checks the items again (``CorrectionQueue.import_corrections``):
@@ -23,7 +24,7 @@ from correction_rl.errors import UserError
 from correction_rl.teachers.human.queue import OPEN_STATES, CorrectionQueue, ItemsNotOpen
 
 EXPORT_FIELDS = ("item_id", "prompt", "response", "task")
-IMPORT_FIELDS = {"item_id", "corrected", "annotator", "prompt", "response", "task"}
+IMPORT_FIELDS = {"item_id", "corrected", "annotator", "prompt", "response", "task", "messages"}
 
 
 class CorrectionImportError(ValueError, UserError):
@@ -48,7 +49,10 @@ def export_pending(queue: CorrectionQueue, path: str | Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for item in items:
-            f.write(json.dumps({k: getattr(item, k) for k in EXPORT_FIELDS}, ensure_ascii=False) + "\n")
+            record = {k: getattr(item, k) for k in EXPORT_FIELDS}
+            if item.messages:  # a chat prompt: the whole conversation, as the web page shows it
+                record["messages"] = item.public()["messages"]
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(items)
 
 

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS items (
     corrected TEXT,
     annotator TEXT,
     done_at REAL,
-    edit_distance INTEGER
+    edit_distance INTEGER,
+    messages TEXT
 );
 CREATE INDEX IF NOT EXISTS items_state ON items(state, enqueued_at);
 CREATE TABLE IF NOT EXISTS skips (
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS skips (
 );
 """
 
+ADDED_COLUMNS = {"messages": "TEXT"}
+"""Columns newer than the first queue files: added to an older file when it is opened."""
 OPEN_STATES = ("pending", "leased")
 BUSY_TIMEOUT_S = 30.0
 """How long one write waits for another process's transaction before failing."""
@@ -110,11 +113,14 @@ class Item:
     annotator: str | None = None
     done_at: float | None = None
     edit_distance: int | None = None
+    messages: str | None = None
+    """The prompt's chat conversation (``Prompt.messages``) as JSON, None for a plain prompt:
+    the page shows every turn, since ``prompt`` alone is only the last user message."""
 
     def public(self) -> dict:
         """What an annotator's page may see (no other annotator's names)."""
-        return {"item_id": self.item_id, "prompt": self.prompt, "response": self.response,
-                "task": self.task, "lease_expires": self.lease_expires}
+        return {"item_id": self.item_id, "prompt": self.prompt, "response": self.response, "task": self.task,
+                "messages": json.loads(self.messages) if self.messages else None, "lease_expires": self.lease_expires}
 
 
 def item_ids(rollouts: Sequence[Rollout]) -> list[str]:
@@ -171,6 +177,10 @@ class CorrectionQueue:
             with self._tx() as db:
                 for statement in filter(str.strip, SCHEMA.split(";")):
                     db.execute(statement)
+                have = {row["name"] for row in db.execute("PRAGMA table_info(items)")}
+                for column, kind in ADDED_COLUMNS.items():
+                    if column not in have:  # a queue file written before the column existed
+                        db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
         except sqlite3.DatabaseError as exc:  # "file is not a database", a directory, no access
             self.close()
             raise QueueError(f"{self.path}: cannot be used as a correction queue (SQLite: {exc})") from None
@@ -251,11 +261,12 @@ class CorrectionQueue:
         ids = item_ids(rollouts)
         with self._tx() as db:
             db.executemany(
-                "INSERT INTO items (item_id, prompt_id, prompt, response, task, enqueued_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(item_id) DO UPDATE SET state='pending', "
+                "INSERT INTO items (item_id, prompt_id, prompt, response, task, enqueued_at, messages) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(item_id) DO UPDATE SET state='pending', "
                 "enqueued_at=excluded.enqueued_at, lease_owner=NULL, leased_at=NULL, lease_expires=NULL "
                 "WHERE items.state='cancelled'",
-                [(i, r.prompt.prompt_id, r.prompt.text, r.response_text, r.prompt.task, now + k * 1e-6)
+                [(i, r.prompt.prompt_id, r.prompt.text, r.response_text, r.prompt.task, now + k * 1e-6,
+                  json.dumps(r.prompt.messages, ensure_ascii=False) if r.prompt.messages else None)
                  for k, (i, r) in enumerate(zip(ids, rollouts))],
             )
         return ids

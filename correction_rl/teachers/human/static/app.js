@@ -73,6 +73,30 @@ function renderDiff() {
   if ($("edit").value === item.response) box.appendChild(document.createTextNode("  (unchanged)"));
 }
 
+// A chat prompt is the whole conversation (system, user and assistant turns, in order), not
+// only its last user message: the response answers all of it. Each turn is a list item whose
+// role label and text are set with textContent (the role goes into a data attribute for CSS).
+function showPrompt(it) {
+  const turns = Array.isArray(it.messages) ? it.messages : null;
+  $("prompt-heading").textContent = turns ? "Conversation" : "Prompt";
+  $("prompt").hidden = !!turns;
+  $("prompt").textContent = turns ? "" : it.prompt;
+  const list = $("conversation");
+  list.replaceChildren();
+  list.hidden = !turns;
+  for (const turn of turns || []) {
+    const li = document.createElement("li");
+    li.dataset.role = String(turn.role);
+    const role = document.createElement("div");
+    role.className = "role";
+    role.textContent = String(turn.role);
+    const text = document.createElement("pre");
+    text.textContent = String(turn.content);
+    li.append(role, text);
+    list.appendChild(li);
+  }
+}
+
 function show(next) {
   item = next;
   document.body.dataset.item = item ? item.item_id : "";  // which item is on screen (for tests, tools)
@@ -85,7 +109,7 @@ function show(next) {
     return;
   }
   $("task").textContent = item.task ? "task: " + item.task : "";
-  $("prompt").textContent = item.prompt;
+  showPrompt(item);
   $("edit").value = item.response;
   renderDiff();
   $("edit").focus();
