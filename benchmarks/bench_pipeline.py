@@ -16,9 +16,15 @@ mean seconds the driver spent per step in each phase (``driver/*_s``). Each acto
 OMP_NUM_THREADS to the actor's CPUs), so on a 2-core machine the generation and training roles
 each get a core and the bound is reachable; more busy roles than cores cap it lower.
 
+Also reported: the mean batch staleness of each mode, and the learner's own phases timed on
+rank 0 (``train/phase/*_s``: waiting for the batch, its transfer, collation, forward, backward,
+optimizer, the export before the step) alone and inside each mode, with
+``learner_step_in_pipeline_vs_alone`` (its ``train_step`` inside async ÷ alone; target <= 1.15).
+
 Usage: ``python benchmarks/bench_pipeline.py [--steps 8] [--repeats 3] [--size tiny]
-[--pending-steps 1 --max-staleness 1]`` (how far generation may run ahead: throughput against
-staleness).
+[--pending-steps 1 --max-staleness 1] [--device cuda]`` (how far generation may run ahead:
+throughput against staleness; ``--device cuda`` puts the learner rank and the rollout worker on
+0.45 of one GPU each and refuses to start without CUDA).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from pathlib import Path
 
 import ray
+from _common import add_device_argument, check_device
 
 from correction_rl.prompts.split import train_and_held_out
 from correction_rl.config import config_from_dict
@@ -55,15 +62,23 @@ def stage_rates(cluster, batches: int) -> dict[str, float]:
     step = cluster.cfg.learner.micro_batch_pairs
     chunks = [flat[i : i + step] for i in range(0, len(flat) - step + 1, step)]
     start = time.perf_counter()
-    for chunk in chunks:
-        ray.get(learner.train_step.remote(chunk))
+    learner_steps = [ray.get(learner.train_step.remote(chunk)).as_metrics() for chunk in chunks]
     t_train = time.perf_counter() - start
     return {
         "gen": n / t_gen,
         "teach": len(flat) / t_teach,
         "train": len(chunks) * step / t_train,
         "pairs_per_rollout": len(flat) / n,
+        "learner_alone": learner_phases(learner_steps[1:] or learner_steps),  # first: idle gap
     }
+
+
+def learner_phases(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per step of each phase timed on learner rank 0 (``train/phase/*_s``) and of
+    its whole ``train_step`` (``train/seconds``, the step alone without transfer or export)."""
+    keys = sorted({k for r in rows for k in r if k.startswith("train/phase/")} | {"train/seconds"})
+    return {k.removeprefix("train/phase/").removeprefix("train/"): round(statistics.fmean(r.get(k, 0.0) for r in rows), 4)
+            for k in keys if any(k in r for r in rows)}
 
 
 class PhaseSink:
@@ -71,6 +86,8 @@ class PhaseSink:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.learner_rows: list[dict[str, float]] = []
+        """Learner rank 0's own phase seconds per step (``train/phase/*_s``)."""
         self.times: list[float] = []
         """When each row arrived; consecutive rows are one learner step apart."""
         self.steady: list[float] = []
@@ -81,6 +98,8 @@ class PhaseSink:
         self.times.append(time.perf_counter())
         self.rows.append({k: v for k, v in metrics.items()
                           if k.startswith("driver/") or k == "buffer/batch_staleness_mean"})
+        self.learner_rows.append({k: v for k, v in metrics.items()
+                                  if k.startswith("train/phase/") or k == "train/seconds"})
 
     def end_measurement(self, pairs_per_step: int) -> None:
         times, self.times = self.times, []
@@ -121,7 +140,10 @@ def main() -> None:
     parser.add_argument("--pending-steps", type=int, default=1,
                         help="buffer.max_pending in learner steps of pairs: how far generation may run ahead")
     parser.add_argument("--max-staleness", type=int, default=1, help="buffer.max_staleness")
+    add_device_argument(parser)  # cuda: the learner rank and the rollout worker on GPU fractions
     args = parser.parse_args()
+    check_device(args.device)
+    gpu = 0.45 if args.device == "cuda" else 0.0
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp) / "policy", args.size, seed=0)
         cfg = config_from_dict({
@@ -136,12 +158,13 @@ def main() -> None:
             "eval": {"every_steps": 0, "num_prompts": 8},
             "metrics": {"wandb_mode": "disabled"},
             "resources": {"cpus_per_rollout_worker": 1, "cpus_per_teacher_worker": 0.5,
-                          "cpus_per_learner_rank": 1},
+                          "cpus_per_learner_rank": 1, "gpus_per_rollout_worker": gpu,
+                          "gpus_per_learner_rank": gpu},
         })
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         train, held_out = train_and_held_out(cfg)
         # actors' logs would mix into stdout, which carries only the JSON line
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=4, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
         init_ray(cfg)  # already initialised: a no-op, kept so the script uses the driver's path
         cluster = start_cluster(cfg, train)
         try:
@@ -180,6 +203,14 @@ def main() -> None:
             "speedup_vs_bound": round(steady_async / steady_sync / bound, 3),
         },
         "driver_step_phase_s_mean": {mode: sink.means() for mode, sink in phases.items()},
+        "mean_batch_staleness": {mode: round(statistics.fmean(r.get("buffer/batch_staleness_mean", 0.0)
+                                                             for r in sink.rows), 3) for mode, sink in phases.items()},
+        "learner_step_phase_s_mean": {"alone": rates["learner_alone"],
+                                      **{mode: learner_phases(sink.learner_rows) for mode, sink in phases.items()}},
+        "learner_step_in_pipeline_vs_alone": round(
+            learner_phases(phases["async"].learner_rows)["seconds"] / rates["learner_alone"]["seconds"], 3),
+        "learner_step_target": 1.15,
+        "device": args.device,
     }), flush=True)
 
 

@@ -6,14 +6,17 @@
 #   3. bench_learner --device cuda: torch vs DeepSpeed ZeRO 0/1/2, ~0.5B and ~1B Llamas, MFU, and
 #      ZeRO-2 with the optimizer offloaded to the CPU (1B);
 #   4. bench_shared_prefix --device cuda (~0.5B Llama);
-#   5. bench_rollout --device cuda (HF engine, bf16).
+#   5. bench_rollout --device cuda (HF engine, bf16);
+#   6. bench_weight_sync --device cuda (export + sync vs a raw copy; object store through Ray);
+#   7. bench_pipeline --device cuda (learner and rollout worker on GPU fractions; issue 19).
 # Every benchmark prints JSON lines; they are collected into one file, $OUT/gpu_suite.jsonl when
 # $OUT is set (the accelerator machine's result folder), else benchmarks/results/gpu_suite.jsonl,
 # with the full output in gpu_suite.log beside it. Each step has its own time limit, so a hang or
 # a failure costs only that step; a line {"bench": "suite_step", ...} records each step's exit
 # status and seconds. Usage, from the repository root:  bash benchmarks/gpu_suite.sh
 # SUITE_COMPILE=1 adds torch.compile of the naive log-prob (~1 min of compiling); SUITE_STEPS="a b"
-# runs only the named steps (pytest_gpu logprobs learner learner_offload shared_prefix rollout).
+# runs only the named steps (pytest_gpu logprobs learner learner_offload shared_prefix rollout
+# weight_sync pipeline).
 set -u
 cd "$(dirname "$0")/.."
 DIR=${OUT:-benchmarks/results}
@@ -62,4 +65,6 @@ step learner 180 "$PY" benchmarks/bench_learner.py --device cuda --size 0.5b 1b 
 step learner_offload 100 "$PY" benchmarks/bench_learner.py --device cuda --size 1b --stages 2 --repeats 3 --offload cpu
 step shared_prefix 50 "$PY" benchmarks/bench_shared_prefix.py --device cuda --repeats 3
 step rollout 40 "$PY" benchmarks/bench_rollout.py --device cuda --sizes small --batches 1 64 --repeats 2
+step weight_sync 90 "$PY" benchmarks/bench_weight_sync.py --device cuda --sizes small --no-vllm --ray-workers 1
+step pipeline 150 "$PY" benchmarks/bench_pipeline.py --device cuda --size base --steps 12 --repeats 2
 echo "{\"bench\": \"suite_done\", \"seconds\": $(( $(date +%s) - SUITE_START ))}" | tee -a "$JSONL"

@@ -278,3 +278,10 @@ def test_the_demo_finds_its_config():
     from correction_rl.tools.demo import REPO
 
     assert (REPO / "configs" / "demo.yaml").is_file() and (REPO / "pyproject.toml").is_file()
+
+
+def test_object_store_size_is_optional_and_at_least_what_ray_accepts():
+    assert load_config(None, []).resources.object_store_mb is None
+    assert load_config(None, ["--resources.object_store_mb", "400"]).resources.object_store_mb == 400
+    with pytest.raises(ConfigError, match="resources.object_store_mb"):
+        load_config(None, ["--resources.object_store_mb", "10"])

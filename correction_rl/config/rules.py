@@ -114,6 +114,8 @@ Count = Annotated[int, Ge(1)]
 """A size or count where 0 is meaningless (batch sizes, steps, workers)."""
 NonNegInt = Annotated[int, Ge(0)]
 """A count or period where 0 means something (none, off, only at the ends)."""
+ObjectStoreMB = Annotated[int, Ge(80)]
+"""Megabytes of a Ray object store (Ray refuses less than 75 MiB)."""
 PosFloat = Annotated[float, Gt(0)]
 """A strictly positive finite number (timeouts, learning rates, ratios)."""
 NonNegFloat = Annotated[float, Ge(0)]

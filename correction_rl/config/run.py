@@ -7,7 +7,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
-from correction_rl.config.rules import Count, NonNegFloat, NonNegInt, PosFloat, section
+from correction_rl.config.rules import Count, NonNegFloat, NonNegInt, ObjectStoreMB, PosFloat, section
 from correction_rl.config.sections import (
     BufferConfig,
     EvalConfig,
@@ -26,6 +26,11 @@ from correction_rl.config.teacher import TeacherConfig
 class ResourcesConfig:
     ray_address: str | None = None
     """Ray cluster to join; None starts a local one (or uses ``RAY_ADDRESS``)."""
+    object_store_mb: ObjectStoreMB | None = None
+    """Object store of the local Ray this run starts, in MB (None: Ray's default, 30% of the
+    memory; ignored when joining a cluster). A store a few times the policy's size lets the
+    object-store weight sync reuse its pages instead of faulting fresh ones in every version:
+    export + sync fell from 3.6x to ~1.1x a raw copy of a 103 MB model (docs/benchmarks.md)."""
     num_rollout_workers: Count = 1
     """Rollout actors, each holding one generation engine."""
     num_teacher_workers: Count = 1

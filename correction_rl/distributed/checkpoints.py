@@ -11,6 +11,7 @@ and each round reported the positions (``ActorHealth.stream_states``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from correction_rl.config import RunConfig, to_dict
 from correction_rl.distributed.calls import get_within
@@ -28,11 +29,14 @@ class Checkpointer:
         self.cluster = cluster
         self.health = health
         self.timeout = cfg.resources.call_timeout_s
+        self.trained_through: Callable[[], int | None] = lambda: None
+        """The last lent batch the learner trained (the driver's ``BatchSource``): a batch
+        sampled after it (a prefetch) goes into the checkpoint as unsampled pairs."""
 
     def snapshot(self, timeout: float) -> BufferSnapshot:
         c = self.cluster
         if self.cfg.mode == "async":  # producers run on: their hand-offs, snapshotted with the pairs
-            return get_within(c.buffer.checkpoint_state.remote(len(c.rollout_workers)), timeout,
+            return get_within(c.buffer.checkpoint_state.remote(len(c.rollout_workers), self.trained_through()), timeout,
                               "buffer and hand-off state for a checkpoint")
         # between lockstep rounds nothing is in flight; each round reported the positions
         return BufferSnapshot(

@@ -50,8 +50,10 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     needed = sum(b.get("CPU", 0) for b in role_bundles(cfg.resources)[1])
+    store_mb = cfg.resources.object_store_mb
     ray.init(
         num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
+        object_store_memory=store_mb * 2**20 if store_mb else None,
         include_dashboard=False,
         runtime_env=env,
         log_to_driver=True,

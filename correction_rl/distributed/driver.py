@@ -1,7 +1,9 @@
 """The Ray driver's step loop: the same phases as the in-process loop, run by actors.
 
 One step: sample a batch -> learn on every rank -> sync the weights -> (evaluate) -> telemetry
--> (checkpoint) -> log. Everything else has a room of its own: where batches come from in each
+-> (checkpoint) -> log. In async mode the steps overlap: the next batch is asked for while a step
+trains, and the next step is issued (after the export it must follow) before this step's
+telemetry and row are made. Everything else has a room of its own: where batches come from in each
 mode (``sampling.py``), the producers and restarted workers (``producers.py``), the weight
 transport and background syncs (``weight_sync.py``), metrics (``telemetry.py``), checkpoints
 (``checkpoints.py``), and the run around the loop (``session.py``, the shared lifecycle).
@@ -33,7 +35,7 @@ from correction_rl.distributed.cluster import Cluster
 from correction_rl.distributed.collective import make_weight_sync
 from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.producers import Producers, Recovery
-from correction_rl.distributed.sampling import BatchSource
+from correction_rl.distributed.sampling import Batch, BatchSource
 from correction_rl.distributed.settings import check_settings
 from correction_rl.distributed.telemetry import PhaseClock, Telemetry
 from correction_rl.distributed.weight_sync import WeightSyncer
@@ -41,7 +43,6 @@ from correction_rl.observe.diffs import maybe_log_corrections
 from correction_rl.run.checkpoint import latest_valid
 from correction_rl.run.evaluation import EvalReport
 from correction_rl.run.state import ResumeReport, RunInterrupted, StopSignals
-from correction_rl.types import CorrectionPair
 from correction_rl.weights.sync import SyncReport, SyncTimeout
 
 
@@ -94,17 +95,23 @@ class Driver:
         self.batches = BatchSource(cfg, cluster, self.health, self.producers, self.recovery, lambda: self.version)
         self.telemetry = Telemetry(cfg, cluster, self.health)
         self.checkpoints = Checkpointer(cfg, cluster, self.health)
+        self.checkpoints.trained_through = lambda: self.batches.trained_through  # a prefetch stays lent
 
     # -- phases ---------------------------------------------------------------------------------
-    def learn(self, pairs: list[CorrectionPair]) -> dict[str, float]:
-        """One step on every rank, each on its own shard of the sampled pairs."""
-        staleness = [self.version - p.policy_version for p in pairs]  # at sampling, before the step
-        ranks = self.cluster.learners
-        shards = [pairs[i :: len(ranks)] for i in range(len(ranks))]
-        stats = get_within([r.train_step.remote(s) for r, s in zip(ranks, shards)], self.timeout, "learner step")
+    def start_learn(self, batch: Batch) -> list:
+        """Issue one step on every rank, each on its own shard; returns the calls' references."""
+        return [r.train_step.remote(s) for r, s in zip(self.cluster.learners, batch.shards)]
+
+    def finish_learn(self, batch: Batch, calls: list) -> dict[str, float]:
+        """Wait for the step issued by ``start_learn``; the buffer learns the new version (with
+        the next sample when one is already asked for, else now)."""
+        staleness = batch.info.staleness(self.version)  # at the version the step trains from
+        stats = get_within(calls, self.timeout, "learner step")
         self.version = stats[0].step
         self.pairs_trained += sum(s.num_pairs for s in stats)
-        get_within(self.cluster.buffer.set_learner_version.remote(self.version), self.timeout, "buffer version")
+        self.batches.trained(batch)
+        if self.batches.pending is None:
+            get_within(self.cluster.buffer.set_learner_version.remote(self.version), self.timeout, "buffer version")
         return {**stats[0].as_metrics(),
                 "buffer/batch_staleness_mean": sum(staleness) / max(1, len(staleness)),
                 "buffer/batch_staleness_max": float(max(staleness, default=0))}
@@ -138,19 +145,27 @@ class Driver:
         once = resume.as_metrics() if resume is not None else {}  # on the first row only
         self.producers.start()
         telemetry = None  # requested at the end of one step, collected at the end of the next
+        launched: tuple[Batch, list] | None = None  # the next step, issued before this one's bookkeeping
         try:
             while self.version < self.cfg.total_steps:
                 clock = PhaseClock()
-                with clock("sample"):
-                    pairs = self.batches.next_batch()
+                if launched is None:
+                    with clock("sample"):
+                        launched = self.launch(signals)
+                (batch, calls), launched = launched, None
                 with clock("learn"):
-                    metrics: dict[str, Any] = self.learn(pairs)
-                maybe_log_corrections(sink, pairs, None, self.version, self.cfg)  # W&B table (diffs.py)
+                    metrics: dict[str, Any] = self.finish_learn(batch, calls)
+                self.maybe_log_corrections(sink, batch)
                 step = StepPlan.after(self.cfg, self.version, signals.received is not None)
                 held = False
                 if step.sync:
                     with clock("sync"):
                         held = self.syncer.after_step(metrics, may_overlap=not step.engines_needed)
+                if self.pipelined and not step.engines_needed and not step.stop:
+                    with clock("sample"):  # the next step trains while this one's row is made
+                        launched = self.launch(signals)
+                with clock("sync"):
+                    self.syncer.settle_previous()  # the previous step's sync, normally long done
                 if step.evaluate or step.checkpoint:  # never while a load is still under way
                     self.syncer.finish_background()  # one from an earlier step (sync.every_steps > 1)
                 if step.evaluate:
@@ -166,10 +181,45 @@ class Driver:
                 if step.stop:  # the caller's ``finally`` closes W&B and the actors
                     raise RunInterrupted(signals.received, self.version, checkpoint)
         except BaseException:
+            if launched is not None:  # a step issued ahead: a checkpoint now must hold it
+                self.settle(*launched)
             self.syncer.flush_held_row({})  # its sync's outcome is unknown; the step itself happened
             self.producers.abort()
             raise
         self.producers.stop()
+
+    @property
+    def pipelined(self) -> bool:
+        """Async mode overlaps the steps: the next batch is prefetched while a step trains, and
+        the next step is issued before this one's telemetry and row (docs/architecture.md)."""
+        return self.cfg.mode == "async"
+
+    def launch(self, signals: StopSignals) -> tuple[Batch, list]:
+        """Take the next batch and issue its step; then, in async mode, ask for the batch after
+        it (a prefetch), unless that step would not run: the run ends or stops after this one."""
+        batch = self.batches.next_batch()
+        calls = self.start_learn(batch)
+        upcoming = self.version + 1
+        if upcoming < self.cfg.total_steps and signals.received is None:
+            self.batches.prefetch(upcoming)
+        return batch, calls
+
+    def settle(self, batch: Batch, calls: list) -> None:
+        """A fault or a stop met a step issued ahead: let it finish (bounded) so the driver's
+        version matches the learner's state a checkpoint saves; a learner that cannot finish it
+        cannot save one either."""
+        try:
+            self.finish_learn(batch, calls)
+        except Exception as exc:  # noqa: BLE001 - reported, the original error propagates
+            print(f"warning: the learner step issued ahead did not finish ({type(exc).__name__}: {exc})",
+                  flush=True)
+
+    def maybe_log_corrections(self, sink, batch: Batch) -> None:
+        """A W&B table of the batch's corrections (``diffs.py``); its pairs are fetched from the
+        object store on that step only."""
+        every = self.cfg.metrics.table_every_steps
+        if every > 0 and self.version % every == 0:
+            maybe_log_corrections(sink, batch.pairs(self.timeout), None, self.version, self.cfg)
 
     def checkpoint_step(self, wandb_run_id: str | None, metrics: dict[str, float]) -> Path:
         start = time.perf_counter()

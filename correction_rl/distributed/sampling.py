@@ -1,7 +1,10 @@
 """Where a learner step's pairs come from in each mode.
 
-``async``: the producers fill the buffer on their own; the driver waits (in slices, tending the
-producers between them) for a batch. ``sync``: nothing produces between steps; while the buffer
+``async``: the producers fill the buffer on their own; the driver asks for step k+1's batch
+while step k trains (a prefetch), and waits (in slices, tending the producers between them) for
+it. The pairs go from the buffer actor to the learner ranks by reference, never through the
+driver, and stay *lent* until trained (a checkpoint holds them as unsampled,
+``distributed/batches.py``). ``sync``: nothing produces between steps; while the buffer
 has no batch, the driver runs one lockstep round — every rollout worker generates one batch, the
 teachers correct them, the pairs are stored — at most ``MAX_COLLECTION_ROUNDS`` rounds
 (``sample_or_collect``, shared with the in-process loop).
@@ -10,12 +13,14 @@ teachers correct them, the pairs are stored — at most ``MAX_COLLECTION_ROUNDS`
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
 
 from correction_rl.config import RunConfig
 from correction_rl.distributed.actors import RestartedWorker
+from correction_rl.distributed.batches import BatchInfo, ShardRef, shards
 from correction_rl.distributed.calls import get_within
 from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.producers import Producers, Recovery
@@ -23,8 +28,36 @@ from correction_rl.run.state import sample_or_collect
 from correction_rl.types import CorrectionPair
 
 
+@dataclass
+class Batch:
+    """One learner step's batch: its summary and one shard per learner rank (a ``ShardRef``
+    the rank fetches itself in async mode, the pairs in sync mode)."""
+
+    info: BatchInfo
+    shards: list
+
+    def pairs(self, timeout: float) -> list[CorrectionPair]:
+        """The pairs themselves (only for a W&B corrections table: fetched on that step only)."""
+        parts = [get_within(s.ref, timeout, "batch for a corrections table") if isinstance(s, ShardRef) else s
+                 for s in self.shards]
+        return [p for part in parts for p in part]
+
+
+@dataclass
+class SampleRequest:
+    """A ``BufferActor.sample_batch`` call under way (the prefetch of the next step's batch)."""
+
+    version: int
+    refs: list
+    """``[BatchInfo | None, shard_0, ...]``."""
+    wait: float
+
+
 class BatchSource:
-    """The next learner batch at the learner's current version (``current_version()``)."""
+    """The next learner batch at the learner's current version (``current_version()``).
+
+    Async mode prefetches (``prefetch``): the request for step k+1's batch waits in the buffer
+    actor while step k trains, and its pairs go to the learner ranks by reference."""
 
     def __init__(self, cfg: RunConfig, cluster, health: ActorHealth, producers: Producers,
                  recovery: Recovery, current_version: Callable[[], int]) -> None:
@@ -35,14 +68,20 @@ class BatchSource:
         self.recovery = recovery
         self.current_version = current_version
         self.timeout = cfg.resources.call_timeout_s
-        self.batch_pairs = cfg.learner.micro_batch_pairs * cfg.learner.grad_accum * len(cluster.learners)
+        self.ranks = len(cluster.learners)
+        self.batch_pairs = cfg.learner.micro_batch_pairs * cfg.learner.grad_accum * self.ranks
+        self.pending: SampleRequest | None = None
+        """The prefetch under way (async mode)."""
+        self.trained_through: int | None = None
+        """The id of the last lent batch the learner trained (told to the buffer actor with the
+        next sample or checkpoint: it stops counting that batch as lent)."""
 
-    def next_batch(self) -> list[CorrectionPair]:
+    def next_batch(self) -> Batch:
         if self.cfg.mode == "async":
             self.producers.revive()
             return self.wait_for_batch()
         version = self.current_version()
-        return sample_or_collect(
+        pairs = sample_or_collect(
             lambda: get_within(self.cluster.buffer.sample.remote(self.batch_pairs, version, 0.0),
                                self.timeout, "buffer sample"),
             self.collect_lockstep,
@@ -50,24 +89,43 @@ class BatchSource:
             hint="check buffer.max_staleness against the rollout workers' policy versions and the "
                  "teacher's rejection counters",
         ).pairs
+        return Batch(BatchInfo(-1, version, tuple(p.policy_version for p in pairs)), shards(pairs, self.ranks))
 
-    def wait_for_batch(self) -> list[CorrectionPair]:
-        """Async mode: wait (in slices of at most 5 s, tending the producers between them so dead
-        ones are noticed and restarted) up to ``call_timeout_s`` for a learner batch."""
-        n, version = self.batch_pairs, self.current_version()
+    def prefetch(self, version: int) -> None:
+        """Async mode: ask the buffer now for the batch of the step that will start from
+        ``version`` (its staleness is checked at that version), while the current step trains."""
+        if self.cfg.mode == "async" and self.pending is None:
+            self.pending = self._request(version)
+
+    def trained(self, batch: Batch) -> None:
+        if batch.info.batch_id >= 0:
+            self.trained_through = batch.info.batch_id
+
+    def _request(self, version: int, wait: float = 5.0) -> SampleRequest:
+        refs = self.cluster.buffer.sample_batch.options(num_returns=self.ranks + 1).remote(
+            self.batch_pairs, version, wait, self.ranks, self.trained_through)
+        return SampleRequest(version, refs, wait)
+
+    def wait_for_batch(self) -> Batch:
+        """Async mode: the prefetched request, or a new one; asked again in slices of at most
+        5 s, tending the producers between them so dead ones are noticed and restarted, up to
+        ``call_timeout_s`` for a learner batch."""
         deadline = time.monotonic() + self.timeout
-        pairs = None
-        while pairs is None and time.monotonic() < deadline:
-            wait = max(0.0, min(5.0, deadline - time.monotonic()))
-            pairs = get_within(self.cluster.buffer.sample.remote(n, version, wait), wait + 60, "buffer sample")
-            if pairs is None:
-                self.producers.tend()
-        if pairs is None:
-            raise TimeoutError(
-                f"no batch of {n} admissible pairs within {self.timeout:.0f} s: the producers "
-                "stalled (see teacher/skipped/* and rollout idle fractions)"
-            )
-        return pairs
+        while True:
+            request = self.pending or self._request(self.current_version(),
+                                                    max(0.0, min(5.0, deadline - time.monotonic())))
+            self.pending = None
+            info = get_within(request.refs[0], request.wait + 60, "buffer sample")
+            if info is not None:
+                return Batch(info, [ShardRef(ref) for ref in request.refs[1:]])
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no batch of {self.batch_pairs} admissible pairs within {self.timeout:.0f} s: the "
+                    "producers stalled (see teacher/skipped/* and rollout idle fractions)"
+                )
+            self.producers.tend()
+            self.pending = self._request(max(request.version, self.current_version()),
+                                         max(0.0, min(5.0, deadline - time.monotonic())))
 
     def collect_lockstep(self) -> None:
         """Sync mode: every worker generates one batch; teachers correct; pairs are stored. A

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
@@ -24,6 +25,16 @@ from correction_rl.weights.sync import SyncReport, SyncTimeout
 from correction_rl.weights.transport import WeightTransport, sync
 
 
+@dataclass
+class BackgroundSync:
+    """A sync loading in the background, the rows held until it ends, and its figures."""
+
+    future: concurrent.futures.Future
+    rows: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    metrics: dict[str, float] | None = None
+    """Its ``sync/*`` figures once settled."""
+
+
 class WeightSyncer:
     """Syncs the learner's current version (``current_version()``) into every rollout worker
     through ``transport``; replaces dead engines on the way (``ActorHealth``)."""
@@ -34,10 +45,10 @@ class WeightSyncer:
         self.transport = transport
         self.health = health
         self.current_version = current_version
-        self.pending: concurrent.futures.Future | None = None
-        """A sync still loading in the background (``begin_background``)."""
-        self.held_row: tuple[int, dict[str, float]] | None = None
-        """The metrics row of the step whose sync is in the background, logged when it ends."""
+        self.background: list[BackgroundSync] = []
+        """Syncs still loading in the background, oldest first (``begin_background``)."""
+        self.latest: BackgroundSync | None = None
+        """The newest background sync, settled or not: its step's row is held on it."""
         self.sink: Any = None
 
     @property
@@ -75,22 +86,35 @@ class WeightSyncer:
     # -- after a learner step -------------------------------------------------------------------
     def after_step(self, metrics: dict[str, float], may_overlap: bool) -> bool:
         """The step's sync: in the background when allowed (returns True: the caller holds its
-        metrics row with ``log(..., held=True)``), else now, its figures added to ``metrics``."""
-        self.finish_background()  # the previous one
+        metrics row with ``log(..., held=True)``), else now, its figures added to ``metrics``.
+        A background sync does not wait for the previous one: its loads are ordered after the
+        previous loads by its own thread, and the driver settles the previous one
+        (``settle_previous``) once it has issued the next learner step."""
         if may_overlap and self.can_overlap:
             self.begin_background()
             return True
+        self.finish_background()
         metrics.update(self.sync_to_healthy_engines().as_metrics())
         return False
 
+    @property
+    def pending(self) -> concurrent.futures.Future | None:
+        """The newest background sync (None: none)."""
+        return self.background[-1].future if self.background else None
+
     def begin_background(self) -> None:
         """Start the sync now (the export is ordered before the next step), let a thread wait
-        for the loads; its report is collected by ``finish_background`` before the next sync,
-        checkpoint, evaluation, producer restart or the end of the run."""
+        for the previous background sync, then for this one's loads (so an engine never loads
+        an older version after a newer one); its report is collected by ``settle_previous`` or
+        ``finish_background`` before the next sync waited for at once, checkpoint, evaluation,
+        producer restart or the end of the run."""
         pending = self.transport.start(self.current_version())
+        previous = self.pending
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            if previous is not None:
+                concurrent.futures.wait([previous], timeout=2 * self.cfg.sync.timeout_s + 60)
             try:
                 future.set_result(pending.wait())
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
@@ -98,38 +122,50 @@ class WeightSyncer:
 
         # a daemon thread, not an executor's: a second Ctrl-C must not wait for a stalled load
         threading.Thread(target=run, daemon=True, name=f"weight-sync-v{pending.version}").start()
-        self.pending = future
+        self.latest = BackgroundSync(future)
+        self.background.append(self.latest)
+
+    def settle_previous(self) -> None:
+        """Wait for every background sync but the newest and log their held rows."""
+        while len(self.background) > 1:
+            self._settle(self.background.pop(0))
 
     def finish_background(self) -> None:
-        """Wait for the pending background sync (if any) and log the held metrics row, now
-        complete with its ``sync/*`` figures (the next step's row is logged after it). If the
-        sync failed (an engine died or stalled while loading, a worker restarting), sync the
-        current version again the checked way, which replaces dead engines or stops the run
-        with ``SyncTimeout``."""
-        future, self.pending = self.pending, None
-        if future is None:
-            return
+        """Wait for the background syncs (if any) and log their held metrics rows, now complete
+        with their ``sync/*`` figures (the next step's row is logged after them)."""
+        while self.background:
+            self._settle(self.background.pop(0))
+
+    def _settle(self, sync: BackgroundSync) -> None:
+        """One background sync's outcome, its row logged. If the sync failed (an engine died or
+        stalled while loading, a worker restarting), sync the current version again the checked
+        way, which replaces dead engines or stops the run with ``SyncTimeout``."""
         try:  # the thread's own waits are bounded by sync.timeout_s
-            metrics = future.result(timeout=2 * self.cfg.sync.timeout_s + 60).as_metrics()
+            metrics = sync.future.result(timeout=2 * self.cfg.sync.timeout_s + 60).as_metrics()
         except (EngineUnhealthy, SyncTimeout, ray.exceptions.RayActorError, concurrent.futures.TimeoutError) as exc:
             print(f"warning: background weight sync failed ({type(exc).__name__}: {exc}); "
                   "syncing again with the health check", flush=True)
             metrics = self.sync_to_healthy_engines().as_metrics()
-        self.flush_held_row(metrics)
+        sync.metrics = metrics
+        for step, row in sync.rows:
+            self.sink.log({**row, **metrics}, step=step)
 
     def log(self, metrics: dict[str, float], step: int, held: bool) -> None:
         """Log a step's row now, or hold it until its background sync ends (``held``)."""
-        if held:
-            self.held_row = (step, metrics)
-            return
-        self.finish_background()  # one from an earlier step (sync.every_steps > 1)
+        if held and self.latest is not None:
+            if self.latest.metrics is None:  # still loading: logged when it is settled
+                self.latest.rows.append((step, metrics))
+                return
+            metrics = {**metrics, **self.latest.metrics}  # settled early (a producer restart)
+        self.finish_background()  # earlier steps' rows first
         self.sink.log(metrics, step=step)
 
     def flush_held_row(self, extra: dict[str, float]) -> None:
-        if self.held_row is not None:
-            step, row = self.held_row
-            self.held_row = None
-            self.sink.log({**row, **extra}, step=step)
+        """Log every held row without its sync's figures (a fault: their outcome is unknown)."""
+        background, self.background = self.background, []
+        for sync in background:
+            for step, row in sync.rows:
+                self.sink.log({**row, **extra}, step=step)
 
     def close(self) -> None:
         self.transport.close()

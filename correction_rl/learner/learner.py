@@ -15,6 +15,7 @@ non-finite is skipped entirely (docs/learner.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -31,6 +32,32 @@ from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
 from correction_rl.learner.objectives import correction_loss
 from correction_rl.learner.shared_prefix import score_pairs
 from correction_rl.types import CorrectionPair, StepStats, TrainBatch
+from correction_rl.weights.export import pack_parameters
+
+
+class _StepClock:
+    """Seconds per phase of one ``train_step`` (``train/phase/<name>_s``): collation, forward
+    (scoring + loss), backward, optimizer. On CUDA each phase ends with a synchronize, so the
+    kernels are counted where they run, not where they were launched."""
+
+    PHASES = ("collate", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def as_extra(self) -> dict[str, float]:
+        return {f"phase/{k}_s": v for k, v in self.seconds.items()}
 
 
 @dataclass
@@ -80,6 +107,8 @@ class Learner:
             self.backend = DeepSpeedBackend(model, learner_cfg, total_steps, self.dtype)
         else:
             self.backend = TorchBackend(model, learner_cfg, total_steps)
+            if not learner_cfg.lora.enabled:  # one flat buffer: exporting the weights borrows it
+                pack_parameters(self.model)  # (weights/export.py; ZeRO-1/2 keeps flat ones already)
         self.version = 0
         self.counters = LearnerCounters()
 
@@ -128,18 +157,22 @@ class Learner:
         totals = {"loss": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
         extra: dict[str, float] = {}
         n_pairs = n_tokens = applied = 0
+        clock = _StepClock(self.device)  # phase seconds: where a step's time goes (docs/metrics.md)
         for chunk in chunks:
-            batch, _ = self._collate(chunk) if chunk else (None, 0)
+            with clock("collate"):
+                batch, _ = self._collate(chunk) if chunk else (None, 0)
             if batch is None:
                 continue
-            scores = score_pairs(self.backend_forward_model, batch, self.objective)
-            out = correction_loss(
-                scores, batch.ref_chosen_logps, batch.ref_rejected_logps, self.objective, batch.noop
-            )
+            with clock("forward"):
+                scores = score_pairs(self.backend_forward_model, batch, self.objective)
+                out = correction_loss(
+                    scores, batch.ref_chosen_logps, batch.ref_rejected_logps, self.objective, batch.noop
+                )
             if not self._all_ranks_finite(out.loss):
                 self.counters.nonfinite_microbatches += 1
                 continue
-            self.backend.backward(out.loss / len(chunks))
+            with clock("backward"):
+                self.backend.backward(out.loss / len(chunks))
             applied += 1
             k = batch.num_pairs
             n_pairs += k
@@ -156,11 +189,13 @@ class Learner:
             self.backend.zero_grad()
             self.counters.skipped_steps += 1
         else:
-            grad_norm = self.backend.step()
+            with clock("optimizer"):
+                grad_norm = self.backend.step()
             self.version += 1
             self.counters.steps += 1
         denom = max(1, n_pairs)
         extra = {k: v / denom for k, v in extra.items()}
+        extra.update(clock.as_extra())
         extra.update(
             skipped_steps=self.counters.skipped_steps,
             nonfinite_microbatches=self.counters.nonfinite_microbatches,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequen
 import torch
 
 from correction_rl.types import WeightUpdate
+from correction_rl.weights.export import WeightExporter, fill_bucket, plan_buckets, plan_key
 
 if TYPE_CHECKING:
     from correction_rl.weights.transport import DoneSync
@@ -102,50 +103,24 @@ def check_version(current: int, incoming: int, engine: str) -> None:
 def flatten_to_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int
 ) -> WeightUpdate:
-    """Pack named tensors into flat 1-D buckets of at most ``bucket_bytes`` each (one dtype per
-    bucket; a tensor bigger than ``bucket_bytes`` gets a bucket of its own).
+    """Pack named tensors into fresh flat 1-D buckets of at most ``bucket_bytes`` each (one dtype
+    per bucket; a tensor bigger than ``bucket_bytes`` gets a bucket of its own; the plan is
+    ``weights/export.plan_buckets``).
 
-    Each bucket is filled by one ``torch.cat(..., out=bucket)``, so packing costs one memory
-    copy of the weights whatever the number of parameters. The buckets are fresh CPU-or-device
-    tensors owned by the update: the learner may keep training while they travel.
+    Each bucket is filled by one ``torch.cat(..., out=bucket)``. The buckets are fresh tensors
+    owned by the update, which costs a page fault per page on a CPU: the transports export
+    through a ``WeightExporter`` instead (reused buffers, or views of the learner's flat
+    parameters); this one-off form serves tests and callers that keep the update indefinitely.
     """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    groups: list[list[torch.Tensor]] = []
-    sizes: list[int] = []  # bytes per bucket
-    numels: list[int] = []  # elements per bucket
-    layout: list[tuple[str, int, int, tuple[int, ...], str]] = []  # in input order
-    open_group: dict[torch.dtype, int] = {}  # dtype -> index of the bucket still filling
-    seen: set[str] = set()
-    for name, tensor in named_tensors:
-        if name in seen:
-            raise ValueError(f"duplicate parameter name {name!r} in weight export")
-        seen.add(name)
-        tensor = tensor.detach()
-        nbytes = tensor.numel() * tensor.element_size()
-        idx = open_group.get(tensor.dtype)
-        if idx is None or (sizes[idx] + nbytes > bucket_bytes and sizes[idx] > 0):
-            idx = len(groups)
-            groups.append([])
-            sizes.append(0)
-            numels.append(0)
-            open_group[tensor.dtype] = idx
-        layout.append(
-            (name, idx, numels[idx], tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-        )
-        groups[idx].append(tensor)
-        sizes[idx] += nbytes
-        numels[idx] += tensor.numel()
-    if not groups:
-        raise ValueError("flatten_to_buckets got no tensors")
-
+    items = [(name, t.detach()) for name, t in named_tensors]
+    plan = plan_buckets(plan_key(items), bucket_bytes)
     buckets: list[torch.Tensor] = []
-    with torch.no_grad():
-        for group, numel in zip(groups, numels):
-            bucket = torch.empty(numel, dtype=group[0].dtype, device=group[0].device)
-            torch.cat([t.reshape(-1) for t in group], out=bucket)
-            buckets.append(bucket)
-    return WeightUpdate(version=version, layout=layout, buckets=buckets)
+    for members, (numel, dtype) in zip(plan.members, plan.buckets):
+        group = [items[i][1] for i in members]
+        bucket = torch.empty(numel, dtype=dtype, device=group[0].device)
+        fill_bucket(bucket, group)
+        buckets.append(bucket)
+    return WeightUpdate(version=version, layout=list(plan.layout), buckets=buckets)
 
 
 def unflatten(update: WeightUpdate) -> Iterator[tuple[str, torch.Tensor]]:
@@ -270,6 +245,9 @@ class InProcessSync:
         self.timeout_s = timeout_s
         self.source = source
         self.bucket_bytes = bucket_bytes
+        self.exporter = WeightExporter(bucket_bytes)
+        """Plans once and borrows the learner's flat parameters (or reuses its buffers): the
+        engines load inside ``start``, before the learner's next step can change them."""
 
     def start(self, version: int) -> "DoneSync":
         """Export version ``version`` from the source (the learner) and load it everywhere."""
@@ -278,8 +256,9 @@ class InProcessSync:
         if self.source is None:
             raise ValueError("InProcessSync.start needs a source to export from (InProcessSync(..., source=learner))")
         t0 = time.perf_counter()
-        update = flatten_to_buckets(self.source.named_weights(), version, self.bucket_bytes)
+        update = self.exporter.export(self.source.named_weights(), version, borrow=True)
         report = self.publish(update, budget_s=self.timeout_s - (time.perf_counter() - t0))
+        del update  # nothing may read a borrowed update after the learner moves on
         return DoneSync(SyncReport(version=report.version, seconds=time.perf_counter() - t0,
                                    num_bytes=report.num_bytes, num_messages=report.num_messages,
                                    num_targets=report.num_targets))
@@ -308,3 +287,4 @@ class InProcessSync:
     def close(self) -> None:
         self.generators = []
         self.source = None
+        self.exporter.release()

@@ -3,6 +3,7 @@ process; rank 0 also exports the weights (object store) or broadcasts them (weig
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -10,9 +11,27 @@ import ray
 
 from correction_rl.config import RunConfig
 from correction_rl.distributed.actors.clock import BusyClock
+from correction_rl.distributed.batches import ShardRef
 from correction_rl.distributed.collective_member import SendingMember
 from correction_rl.distributed.weights import PublishedUpdate
 from correction_rl.types import CorrectionPair, StepStats, WeightUpdate
+
+
+def _timed_export(method):
+    """The export runs on the learner's path, between two steps: its seconds are reported with
+    the next step (``train/phase/export_s``) and count as the rank's busy time."""
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.last_end = time.perf_counter()
+            self.export_s += self.last_end - start
+            self.clock.add(self.last_end - start)
+
+    return timed
 
 
 class LearnerRank:
@@ -47,36 +66,63 @@ class LearnerRank:
             lora_merge=cfg.sync.lora_merge,
         )
         self.clock = BusyClock()
+        self.last_end: float | None = None
+        """When this rank's last step or export ended (its idle gap before the next step)."""
+        self.export_s = 0.0
+        """Seconds exporting since the last step (reported with the next one)."""
         self.member = SendingMember()
         """Rank 0's membership of the collective weight group (``sync.transport: collective``)."""
+        self._exporters: dict = {}
+        """Rank 0's ``WeightExporter`` per bucket device (``gathered_update``)."""
 
     def pid(self) -> int:
         return os.getpid()
 
-    def train_step(self, pairs: list[CorrectionPair]) -> StepStats:
+    def train_step(self, pairs: list[CorrectionPair] | ShardRef) -> StepStats:
+        """One step on this rank's shard: the pairs, or a reference to them that this rank
+        fetches itself (the driver's prefetch, ``distributed/batches.py``). Adds to the step's
+        phases (``train/phase/*_s``, docs/metrics.md) what only the rank sees: how long it
+        waited idle for this call since its last work, the batch's transfer, the export before
+        it."""
         start = time.perf_counter()
+        waited = 0.0 if self.last_end is None else start - self.last_end
+        if isinstance(pairs, ShardRef):
+            pairs = ray.get(pairs.ref, timeout=self.cfg.resources.call_timeout_s)
+        fetched = time.perf_counter()
         stats = self.learner.train_step(pairs)
-        self.clock.add(time.perf_counter() - start)
+        self.last_end = time.perf_counter()
+        self.clock.add(self.last_end - start)
+        stats.extra.update({"phase/wait_for_batch_s": waited, "phase/batch_transfer_s": fetched - start,
+                            "phase/export_s": self.export_s, "phase/rank_step_s": self.last_end - start})
+        self.export_s = 0.0
         return stats
 
+    @_timed_export
     def export(self) -> PublishedUpdate | None:
         """Gather the full weights (a collective under ZeRO-3: every rank calls it); rank 0 puts
         them into the object store once and returns the reference with the update's size."""
         from correction_rl.distributed.weights import to_transport
 
-        update = self.gathered_update()
+        update = self.gathered_update("cpu")  # on a GPU: into pinned, reused host buffers
         if update is None:
             return None
-        return PublishedUpdate(ref=ray.put(to_transport(update)), version=update.version,
+        ref = ray.put(to_transport(update))  # copies: the borrowed buckets are free again
+        return PublishedUpdate(ref=ref, version=update.version,
                                num_bytes=update.num_bytes, num_buckets=len(update.buckets))
 
-    def gathered_update(self) -> WeightUpdate | None:
+    def gathered_update(self, device: str | None = None) -> WeightUpdate | None:
         """The full weights as buckets on rank 0 (None on the others). Every rank must call it:
-        under ZeRO-3 each parameter is gathered collectively."""
-        from correction_rl.weights.sync import flatten_to_buckets
+        under ZeRO-3 each parameter is gathered collectively. The buckets borrow the learner's
+        flat parameters where they can (``weights/export.py``): both callers are done with them
+        (``ray.put`` copied, the broadcast finished) before this actor runs the next step."""
+        from correction_rl.weights.export import WeightExporter
 
         named = self.rank0_weights()
-        return None if named is None else flatten_to_buckets(named, self.learner.version, self.cfg.sync.bucket_mb * 2**20)
+        if named is None:
+            return None
+        if device not in self._exporters:  # one per target: each plans once, keeps its buffers
+            self._exporters[device] = WeightExporter(self.cfg.sync.bucket_mb * 2**20, device)
+        return self._exporters[device].export(named, self.learner.version, borrow=True)
 
     def rank0_weights(self):
         """``named_weights()`` on rank 0, None elsewhere. Every rank must call it: under ZeRO-3

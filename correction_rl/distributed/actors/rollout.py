@@ -47,6 +47,9 @@ class RolloutWorker:
         self.stream = PromptStream(prompts, seed=cfg.seed * 1000 + worker_id)
         self.lock = threading.Lock()  # generation and weight loading never overlap
         self.stop_event = threading.Event()
+        self.version_loaded = threading.Condition()
+        """Notified after every weight load (``wait_for_version``)."""
+        self.version_wait_s = 0.0
         self.clock = BusyClock()
         self.calls = 0
         self.tokens = 0
@@ -153,7 +156,11 @@ class RolloutWorker:
         inflight: list = []
         batches = 0
         while not self.stop_event.is_set():
-            if not ray.get(buffer.wait_for_room.remote(0.5), timeout=call_timeout_s):
+            useful = ray.get(buffer.room.remote(0.5), timeout=call_timeout_s)
+            if useful is None:  # no room
+                continue
+            if self.generator.policy_version < useful:  # its pairs would only be evicted as stale:
+                self.wait_for_version(useful, 0.5)  # the load is under way; then ask again
                 continue
             rollouts = self.generate()
             # position and prompts first (acknowledged), then the hand-off: a worker killed in
@@ -170,8 +177,20 @@ class RolloutWorker:
         ray.get(inflight, timeout=call_timeout_s)
         return batches
 
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until this worker serves ``version`` or newer (a weight load), at most
+        ``timeout`` seconds; the time counts as ``rollout/worker<i>/version_wait_s``."""
+        start = time.perf_counter()
+        with self.version_loaded:
+            ok = self.version_loaded.wait_for(
+                lambda: self.generator.policy_version >= version or self.stop_event.is_set(), timeout)
+        self.version_wait_s += time.perf_counter() - start
+        return ok
+
     def stop(self) -> None:
         self.stop_event.set()
+        with self.version_loaded:
+            self.version_loaded.notify_all()
 
     # -- weights --------------------------------------------------------------------------------
     def install(self, update: WeightUpdate) -> None:
@@ -182,6 +201,8 @@ class RolloutWorker:
         else:
             self.generator.load_weights(update)
         self.awaiting_weights = False
+        with self.version_loaded:  # a producer waiting for this version goes on
+            self.version_loaded.notify_all()
 
     def load_weights(self, update: WeightUpdate) -> int:
         """Object-store transport: load the published update (mapped from shared memory)."""
@@ -258,6 +279,7 @@ class RolloutWorker:
             f"rollout/worker{self.worker_id}/idle_fraction": self.clock.idle_fraction(),
             f"rollout/worker{self.worker_id}/tokens": float(self.tokens),
             f"rollout/worker{self.worker_id}/version": float(self.generator.policy_version),
+            f"rollout/worker{self.worker_id}/version_wait_s": self.version_wait_s,
         }
 
     def close(self) -> None:
