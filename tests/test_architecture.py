@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "correction_rl"
 # Lower layers never import higher ones (function-level imports included). Modules of one layer
 # may import each other (no cycles, checked below).
 LAYERS: list[set[str]] = [
-    {"types", "config", "edits", "models", "errors", "tasks"},  # records, config, models, tasks
+    {"types", "config", "edits", "models", "errors", "tasks", "timing"},  # records, config, models, tasks
     {"prompts", "weights"},  # where prompts come from; how weights travel
     {"rollout", "teachers"},  # who answers, who corrects
     {"pairs", "buffer", "learner"},  # corrections -> pairs -> buffer -> learner

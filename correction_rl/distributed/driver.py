@@ -37,12 +37,13 @@ from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.producers import Producers, Recovery
 from correction_rl.distributed.sampling import Batch, BatchSource
 from correction_rl.distributed.settings import check_settings
-from correction_rl.distributed.telemetry import PhaseClock, Telemetry
+from correction_rl.distributed.telemetry import Telemetry
 from correction_rl.distributed.weight_sync import WeightSyncer
 from correction_rl.observe.diffs import maybe_log_corrections
 from correction_rl.run.checkpoint import latest_valid
 from correction_rl.run.evaluation import EvalReport
 from correction_rl.run.state import ResumeReport, RunInterrupted, StopSignals
+from correction_rl.timing import PhaseClock
 from correction_rl.weights.sync import SyncReport, SyncTimeout
 
 
@@ -148,7 +149,7 @@ class Driver:
         launched: tuple[Batch, list] | None = None  # the next step, issued before this one's bookkeeping
         try:
             while self.version < self.cfg.total_steps:
-                clock = PhaseClock()
+                clock = PhaseClock()  # driver/<phase>_s: where a step's wall time goes
                 if launched is None:
                     with clock("sample"):
                         launched = self.launch(signals)
@@ -174,7 +175,7 @@ class Driver:
                 with clock("metrics"):
                     metrics.update(self.telemetry.collect(self.pairs_trained, None if step.last else telemetry))
                     telemetry = None if step.last else self.telemetry.request()
-                metrics.update({**self.health.faults, **clock.as_metrics(), **once})
+                metrics.update({**self.health.faults, **clock.as_metrics("driver/"), "driver/step_s": clock.elapsed(), **once})
                 once = {}
                 checkpoint = self.checkpoint_step(wandb_run_id, metrics) if step.checkpoint else None
                 self.syncer.log(metrics, self.version, held)

@@ -8,7 +8,6 @@ which is how the driver notices restarts and dead or stalled engines (``health.p
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -18,29 +17,6 @@ from correction_rl.config import RunConfig
 from correction_rl.distributed.calls import get_within, while_restarting
 from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.records import EngineHealth
-
-
-class PhaseClock:
-    """Seconds the driver spent in each phase of one step (``driver/<phase>_s`` metrics): where
-    a step's wall time goes when the pipeline is slower than its slowest stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def as_metrics(self) -> dict[str, float]:
-        """Per phase, and ``driver/step_s``: the whole step so far (what the phases leave out
-        is the driver's own bookkeeping)."""
-        return {**{f"driver/{k}_s": v for k, v in self.seconds.items()},
-                "driver/step_s": time.perf_counter() - self.started}
 
 
 @dataclass

@@ -15,7 +15,6 @@ non-finite is skipped entirely (docs/learner.md).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -31,33 +30,9 @@ from correction_rl.learner.collate import collate_pairs
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
 from correction_rl.learner.objectives import correction_loss
 from correction_rl.learner.shared_prefix import score_pairs
+from correction_rl.timing import PhaseClock
 from correction_rl.types import CorrectionPair, StepStats, TrainBatch
 from correction_rl.weights.export import pack_parameters
-
-
-class _StepClock:
-    """Seconds per phase of one ``train_step`` (``train/phase/<name>_s``): collation, forward
-    (scoring + loss), backward, optimizer. On CUDA each phase ends with a synchronize, so the
-    kernels are counted where they run, not where they were launched."""
-
-    PHASES = ("collate", "forward", "backward", "optimizer")
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds[phase] += time.perf_counter() - start
-
-    def as_extra(self) -> dict[str, float]:
-        return {f"phase/{k}_s": v for k, v in self.seconds.items()}
 
 
 @dataclass
@@ -157,7 +132,9 @@ class Learner:
         totals = {"loss": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
         extra: dict[str, float] = {}
         n_pairs = n_tokens = applied = 0
-        clock = _StepClock(self.device)  # phase seconds: where a step's time goes (docs/metrics.md)
+        clock = PhaseClock(  # phase seconds, train/phase/<name>_s: where a step's time goes (docs/metrics.md)
+            ("collate", "forward", "backward", "optimizer"),
+            torch.cuda.synchronize if self.device.type == "cuda" else None)
         for chunk in chunks:
             with clock("collate"):
                 batch, _ = self._collate(chunk) if chunk else (None, 0)
@@ -195,7 +172,7 @@ class Learner:
             self.counters.steps += 1
         denom = max(1, n_pairs)
         extra = {k: v / denom for k, v in extra.items()}
-        extra.update(clock.as_extra())
+        extra.update(clock.as_metrics("phase/"))
         extra.update(
             skipped_steps=self.counters.skipped_steps,
             nonfinite_microbatches=self.counters.nonfinite_microbatches,

@@ -156,13 +156,8 @@ def render_plots(rows: Sequence[TrialResult], out: Path, headline: str) -> list[
             if xs and any(sd):
                 ax.fill_between(xs, [m - d for m, d in zip(ys, sd)], [m + d for m, d in zip(ys, sd)],
                                 color=color, alpha=0.12, linewidth=0)
-        ax.set(xlabel="teacher calls", ylabel=f"held-out {headline}", title=condition or "all arms")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / PLOTS[0])
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _finish_panel(ax, "teacher calls", f"held-out {headline}", condition)
+    paths.append(_save(fig, out / PLOTS[0]))
     fig, axes = plt.subplots(1, len(conditions), figsize=(6 * len(conditions), 4.2), squeeze=False)
     for ax, (condition, members) in zip(axes[0], conditions.items()):
         for i, a in enumerate(members):
@@ -174,15 +169,24 @@ def render_plots(rows: Sequence[TrialResult], out: Path, headline: str) -> list[
             for c in curves:
                 if len(c) > 1:
                     ax.plot(*zip(*c), color=color, alpha=0.3, linewidth=0.8)
-        ax.set(xlabel=f"gain in {headline} (before − after)", ylabel="KL(pi || pi_init), sampled",
-               title=condition or "all arms")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / PLOTS[1])
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _finish_panel(ax, f"gain in {headline} (before − after)", "KL(pi || pi_init), sampled", condition)
+    paths.append(_save(fig, out / PLOTS[1]))
     return paths
+
+
+def _finish_panel(ax, xlabel: str, ylabel: str, condition: str) -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=condition or "all arms")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(sweep_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS, headline: str = HEADLINE,
