@@ -70,6 +70,9 @@ def test_async_run_writes_metrics_to_wandb_and_the_correction_log(tmp_path, ray_
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     staleness = [r["buffer/batch_staleness_max"] for r in rows if "buffer/batch_staleness_max" in r]
     assert max(staleness) <= cfg.buffer.max_staleness
+    # the next step is issued right after the export it must follow: each row's sync (in the
+    # background, its row held until it ended) carries that step's own version
+    assert [r["sync/version"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
 
     pairs = list(read(result.run_dir / "corrections.jsonl"))
     assert len(pairs) >= 4 * cfg.learner.micro_batch_pairs
