@@ -56,10 +56,18 @@ def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (one at a time,
+    the OS can hand out the same port twice, and ``ray start`` then refuses two components on
+    one port: seen in CI)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -83,17 +91,18 @@ class LocalCluster:
     def start_node(self, name: str, head: bool) -> None:
         cpus, resources, labels = NODES[name]
         temp = self.root / name[0]
+        ports = iter(_free_ports(9))
         args = ["start", "--node-ip-address=127.0.0.1", f"--node-name={name}", f"--num-cpus={cpus}",
                 "--num-gpus=0", f"--resources={json.dumps(resources)}",
                 "--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()),
                 f"--temp-dir={temp}", "--object-store-memory=200000000", "--disable-usage-stats",
-                f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+                f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
+                f"--dashboard-agent-listen-port={next(ports)}", f"--dashboard-agent-grpc-port={next(ports)}",
+                f"--runtime-env-agent-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
         if head:
-            gcs_port, dash_port = _free_port(), _free_port()
+            gcs_port, dash_port = next(ports), next(ports)
             args += ["--head", f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={dash_port}", f"--ray-client-server-port={_free_port()}"]
+                     f"--dashboard-port={dash_port}", f"--ray-client-server-port={next(ports)}"]
             self.gcs, self.dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
         else:
             args += [f"--address={self.gcs}"]
