@@ -51,10 +51,11 @@ def test_two_teacher_workers_share_one_app_that_survives_its_process(tmp_path, r
     cfg = system_config(
         tmp_path, tiny_model_dir, "human-ray", total_steps=8,
         task__num_train=200, task__num_eval=4, eval__every_steps=0, eval__num_prompts=4, eval__sampled=False,
-        # max_pending bounds what the annotator can answer before it pauses after step 1 (fewer
-        # than 8 unsampled pairs before a rollout batch of 8 is drawn, plus one prefetched batch):
-        # about 5 steps' pairs at most, so the last steps need corrections saved through the
-        # app's new process (with the default room, 4 steps were once all answered before the kill)
+        # max_pending bounds what the annotator can answer before it pauses after step 1: at most
+        # 15 unsampled pairs (a batch of 8 is drawn while fewer than 8 wait), 4 lent for the next
+        # step and step 1's 4, under 6 steps' pairs; so the last steps need corrections saved
+        # through the app's new process (with the default room, 4 steps were once all answered
+        # before the kill)
         rollout__batch_size=8, buffer__min_fresh_pairs=4, buffer__max_staleness=2, buffer__max_pending=8,
         learner__backend="torch", learner__micro_batch_pairs=4, checkpoint__every_steps=0,
         metrics__wandb_mode="disabled",
