@@ -1,19 +1,16 @@
 """The human teacher's web app over real HTTP on 127.0.0.1: tokens, CSRF, body limits, text-only
-rendering and lease expiry checked in headless Chromium (Selenium + Debian's chromedriver), the
-app moving to another process when the serving one dies, and a short in-process training run fed
-by a person in the browser and a scripted annotator on the HTTP API at once."""
+responses, leases, chat conversations in the API (the same in headless Chromium:
+``test_human_browser.py``), the app moving to another process when the serving one dies, and a
+short in-process training run fed by a person in the browser and a scripted annotator on the HTTP
+API at once."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +18,8 @@ import pytest
 from correction_rl.teachers.human.app import create_app, parse_tokens, serve
 from correction_rl.teachers.human.queue import CorrectionQueue
 from correction_rl.types import Prompt, Rollout
+
+from _browser import _MISSING, browser_annotator
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789abc"
@@ -139,175 +138,6 @@ def test_model_text_is_never_served_as_html(app_server):
     assert "textContent" in script
 
 
-# -- headless Chromium, driven by Selenium through Debian's chromedriver --------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-try:
-    import selenium  # noqa: F401
-
-    SELENIUM = True
-except ImportError:
-    SELENIUM = False
-_MISSING = [what for what, ok in (("chromium (apt-get install chromium)", CHROMIUM),
-                                  ("chromedriver (apt-get install chromium-driver)", CHROMEDRIVER),
-                                  ("selenium (pip install -e '.[dev]')", SELENIUM)) if not ok]
-needs_browser = pytest.mark.skipif(bool(_MISSING), reason="headless browser test needs " + ", ".join(_MISSING))
-
-
-@contextmanager
-def chrome(width: int = 900, height: int = 640):
-    """Headless Chromium under Selenium, with the Debian binaries named explicitly (Selenium
-    Manager would try to download a driver; these machines have no internet)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--window-size={width},{height}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(30)
-        driver.set_script_timeout(20)
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the screenshot's exact size
-                               {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_js(driver, expression: str, timeout_s: float = 20.0):
-    """Polls a JavaScript expression until it is truthy; returns its value."""
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(
-        lambda d: d.execute_script(f"return ({expression});"), message=f"page never satisfied {expression!r}")
-
-
-SHOWN_ITEM = "!document.getElementById('work').hidden && document.body.dataset.item"
-STATUS = "document.getElementById('status').textContent"
-
-
-def keys(driver, *chord: str, modifier: str | None = None) -> None:
-    """Types into the focused element like a person at the keyboard (real key events)."""
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    actions = ActionChains(driver)
-    if modifier is not None:
-        actions.key_down(modifier)
-    actions.send_keys(*chord)
-    if modifier is not None:
-        actions.key_up(modifier)
-    actions.perform()
-
-
-def fetch_status(driver, path: str, token: str | None, body: dict) -> int:
-    """The HTTP status of a POST the page's own origin makes (with the CSRF header)."""
-    return driver.execute_async_script(
-        "const [path, token, body, done] = arguments;"
-        "const headers = {'Content-Type': 'application/json', 'X-CRL-Request': '1'};"
-        "if (token) headers['Authorization'] = 'Bearer ' + token;"
-        "fetch(path, {method: 'POST', headers, body: JSON.stringify(body)}).then(r => done(r.status), e => done(String(e)));",
-        path, token, body)
-
-
-@needs_browser
-def test_headless_chromium_shows_a_script_response_as_text_and_refuses_a_tokenless_request(app_server):
-    from selenium.webdriver.common.by import By
-
-    queue, server = app_server
-    queue.lease_timeout_s = 60.0
-    (item_id,) = queue.enqueue(rollouts([EVIL]))
-    with chrome() as d:
-        d.get(f"{server.url}/#token={ALICE}")
-        assert wait_js(d, SHOWN_ITEM) == item_id and queue.get(item_id).lease_owner == "alice"
-        assert "token" not in d.current_url  # the fragment left the address bar
-        assert d.find_element(By.ID, "who").text == "annotator: alice"
-        assert d.find_element(By.ID, "edit").get_property("value") == EVIL  # as text in the editor
-        assert d.find_element(By.ID, "prompt").text == f"Prompt 0: {EVIL}"
-        assert d.title == "correction-rl: correct responses"  # the response's script did not run
-        assert d.execute_script("return document.querySelectorAll('img, #work script').length") == 0
-        assert "&lt;script&gt;" in d.execute_script("return document.getElementById('diff').innerHTML")
-        # a fresh tab has no token: the sign-in form, and the API refuses the page's requests
-        d.switch_to.new_window("tab")
-        d.get(f"{server.url}/")
-        wait_js(d, "!document.getElementById('login').hidden")
-        assert d.find_element(By.ID, "work").is_displayed() is False
-        assert fetch_status(d, "/api/next", None, {}) == 401
-        assert fetch_status(d, "/api/next", "wrong-token-0123456789", {}) == 401
-    assert queue.counts()["leased"] == 1  # the refused requests leased nothing
-
-
-@needs_browser
-def test_annotator_edits_and_submits_in_headless_chromium(app_server, tmp_path):
-    from selenium.webdriver.common.keys import Keys
-
-    queue, server = app_server
-    queue.lease_timeout_s = 60.0
-    first, second = queue.enqueue(rollouts(["12 + 4 = 15", EVIL]))
-    shot = tmp_path / "human_teacher.png"
-    with chrome() as d:
-        d.get(f"{server.url}/#token={ALICE}")
-        assert wait_js(d, SHOWN_ITEM) == first
-        assert d.execute_script("return document.getElementById('edit').value") == "12 + 4 = 15"
-        # Like a person: put the cursor on the wrong digit and retype it.
-        d.execute_script("const e = document.getElementById('edit'); e.focus(); e.setSelectionRange(10, 11);")
-        keys(d, Keys.BACKSPACE, "6")
-        diff = wait_js(d, "document.querySelector('#diff .ins') && document.getElementById('diff').textContent")
-        assert "15" in diff and "16" in diff
-        d.save_screenshot(str(shot))
-        keys(d, Keys.ENTER, modifier=Keys.CONTROL)  # Ctrl+Enter: submit
-        assert wait_js(d, f"{STATUS}.startsWith('saved') && {STATUS}") == "saved (edit distance 1)"
-        assert wait_js(d, SHOWN_ITEM) == second
-        assert d.execute_script("return document.getElementById('edit').value") == EVIL
-        assert d.title == "correction-rl: correct responses"
-    done = queue.get(first)
-    assert (done.state, done.corrected, done.annotator) == ("done", "12 + 4 = 16", "alice")
-    assert queue.get(second).lease_owner == "alice" and shot.stat().st_size > 5000
-    if os.environ.get("CORRECTION_RL_UPDATE_DOCS_IMG"):  # refresh docs/human-teachers.md's screenshot
-        shutil.copy(shot, Path(__file__).resolve().parents[1] / "docs" / "img" / "human_teacher.png")
-
-
-@needs_browser
-def test_a_closed_tabs_lease_expires_and_the_item_is_stored_once(app_server):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
-    queue, server = app_server
-    queue.lease_timeout_s = 2.0  # the page renews every max(1 s, lease / 3) while it is open
-    (item_id,) = queue.enqueue(rollouts(["7 + 1 = 9"]))
-    with chrome() as d:
-        d.get(f"{server.url}/#token={ALICE}")
-        assert wait_js(d, SHOWN_ITEM) == item_id
-        alice_tab = d.current_window_handle
-        d.switch_to.new_window("tab")
-        bob_tab = d.current_window_handle
-        d.get(f"{server.url}/")
-        wait_js(d, "!document.getElementById('login').hidden")
-        d.find_element(By.ID, "token").send_keys(BOB)  # signs in through the form this time
-        d.find_element(By.ID, "login-btn").click()
-        wait_js(d, "!document.getElementById('empty').hidden")  # alice's open tab keeps her lease
-        time.sleep(3.0)
-        assert queue.get(item_id).lease_owner == "alice" and d.execute_script(
-            "return document.body.dataset.item") == ""
-        d.switch_to.window(alice_tab)
-        d.close()  # alice closes her tab without saving: nothing renews her lease any more
-        d.switch_to.window(bob_tab)
-        assert wait_js(d, SHOWN_ITEM, timeout_s=20) == item_id  # bob's page polls every 3 s
-        d.execute_script("const e = document.getElementById('edit'); e.focus(); e.select();")
-        keys(d, "7 + 1 = 8")
-        keys(d, Keys.ENTER, modifier=Keys.CONTROL)
-        assert wait_js(d, f"{STATUS}.startsWith('saved') && {STATUS}") == "saved (edit distance 1)"
-        # alice's late save (her token, from the page) is refused: the item is stored once
-        assert fetch_status(d, "/api/submit", ALICE, {"item_id": item_id, "corrected_text": "late"}) == 409
-    item = queue.get(item_id)
-    assert (item.state, item.corrected, item.annotator, item.leases) == ("done", "7 + 1 = 8", "bob", 2)
-    assert queue.counts() == {"pending": 0, "leased": 0, "done": 1, "cancelled": 0}
-
-
 # -- a chat prompt: the whole conversation on the page ------------------------------------------
 
 CONVERSATION = [{"role": "system", "content": "You fix spelling. <b>Only</b> spelling."},
@@ -352,36 +182,6 @@ CREATE TABLE items (item_id TEXT PRIMARY KEY, prompt_id TEXT NOT NULL, prompt TE
     leases INTEGER NOT NULL DEFAULT 0, corrected TEXT, annotator TEXT, done_at REAL, edit_distance INTEGER);
 CREATE TABLE skips (item_id TEXT NOT NULL, annotator TEXT NOT NULL, PRIMARY KEY (item_id, annotator));
 """
-
-
-@needs_browser
-def test_headless_chromium_shows_the_whole_conversation_as_text(app_server):
-    """System, user, assistant and user turns, in order, each labelled with its role, markup in
-    them shown as text (no element made from it, no script run); then a plain prompt shows as
-    before (the conversation list hidden)."""
-    from selenium.webdriver.common.by import By
-
-    queue, server = app_server
-    queue.lease_timeout_s = 60.0
-    chat_id, plain_id = queue.enqueue([chat_rollout(), *rollouts(["5 + 5 = 11"])])
-    with chrome() as d:
-        d.get(f"{server.url}/#token={ALICE}")
-        assert wait_js(d, SHOWN_ITEM) == chat_id
-        turns = d.find_elements(By.CSS_SELECTOR, "#conversation > li")
-        shown = [(li.get_attribute("data-role"), li.find_element(By.CLASS_NAME, "role").text.lower(),
-                  li.find_element(By.TAG_NAME, "pre").text) for li in turns]
-        assert shown == [(m["role"], m["role"], m["content"]) for m in CONVERSATION]
-        assert d.find_element(By.ID, "conversation").is_displayed() and not d.find_element(By.ID, "prompt").is_displayed()
-        assert d.find_element(By.ID, "prompt-heading").text == "Conversation"
-        assert d.execute_script("return document.querySelectorAll('#work img, #work script, #work b').length") == 0
-        assert "&lt;b&gt;Only&lt;/b&gt;" in d.execute_script("return document.getElementById('conversation').innerHTML")
-        assert d.title == "correction-rl: correct responses"
-        d.find_element(By.ID, "skip").click()
-        assert wait_js(d, f"document.body.dataset.item !== '{chat_id}' && {SHOWN_ITEM}") == plain_id
-        assert not d.find_element(By.ID, "conversation").is_displayed()
-        assert d.find_element(By.ID, "prompt").text == "Prompt 0: 5 + 5 = 11"
-        assert d.find_element(By.ID, "prompt-heading").text == "Prompt"
-        assert d.find_elements(By.CSS_SELECTOR, "#conversation > li") == []
 
 
 # -- one app per queue file, whichever process holds its lock ----------------------------------
@@ -475,38 +275,6 @@ def scripted_annotator(url: str, token: str, stop: threading.Event, saved: list[
             assert r.status_code == 200, r.text
             saved.append((time.time(), r.json()["edit_distance"]))
             time.sleep(pause_s)  # leave some items to the (slower) person in the browser
-
-
-def browser_annotator(page_url: str, stop: threading.Event, saved: list[str]) -> None:
-    """A person in Chromium: reads each item, types the oracle's minimal correction over the
-    response (or presses "correct as is"), and submits with the keyboard."""
-    from selenium.webdriver.common.keys import Keys
-
-    from correction_rl.tasks import get_task
-
-    with chrome() as d:
-        d.get(page_url)
-        while not stop.is_set():
-            shown = d.execute_script(f"return {SHOWN_ITEM};")
-            if not shown:
-                time.sleep(0.2)
-                continue
-            prompt, response, task = d.execute_script(
-                "return [document.getElementById('prompt').textContent, document.getElementById('edit').value,"
-                " document.getElementById('task').textContent];")
-            task = task.removeprefix("task: ")
-            fixed = get_task(task).minimal_correction(Prompt(prompt_id="b", text=prompt, task=task), response)
-            d.execute_script("document.getElementById('status').textContent = '';")
-            if fixed == response:
-                keys(d, "a", modifier=Keys.ALT)  # Alt+A: correct as is
-            else:
-                d.execute_script("const e = document.getElementById('edit'); e.focus(); e.select();")
-                keys(d, fixed)
-                keys(d, Keys.ENTER, modifier=Keys.CONTROL)  # Ctrl+Enter: submit
-            status = wait_js(d, STATUS)
-            assert status.startswith("saved"), status
-            saved.append(fixed)
-            wait_js(d, f"document.body.dataset.item !== {json.dumps(shown)}")
 
 
 @pytest.mark.slow
