@@ -75,6 +75,21 @@ def _wait_for(cond, proc: subprocess.Popen, err: Path, timeout: float = 120):
     pytest.fail(f"condition not met within {timeout} s:\n{err.read_text()[-3000:]}")
 
 
+def _sigkill_when(cond, proc: subprocess.Popen, err: Path, timeout: float) -> None:
+    """SIGKILL the run at a moment ``cond`` holds. The run is frozen (SIGSTOP) and ``cond``
+    checked again before the kill: a checkpoint written between a check and the kill would
+    cover the pairs the check saw after the old one (seen in CI: "0 pairs logged after it")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _wait_for(cond, proc, err, timeout=max(1.0, deadline - time.monotonic()))
+        proc.send_signal(signal.SIGSTOP)
+        if cond():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            return
+        proc.send_signal(signal.SIGCONT)
+
+
 def _kill_job_leftovers(tmp_path: Path) -> None:
     """After SIGKILLing a Ray driver: its local Ray dies with it (Ray's fate sharing), but do
     not rely on that in a test — kill any process that still carries this job's marker."""
@@ -115,9 +130,7 @@ def test_sigkill_resume_sigterm_corrupt_resume_reaches_total_steps(tmp_path, tin
 
     # 1. SIGKILL after a checkpoint, with teacher work logged after it
     proc, err = _start(["--config", str(config)], tmp_path, "a")
-    _wait_for(_killable(run_dir), proc, err, timeout=240)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    _sigkill_when(_killable(run_dir), proc, err, timeout=240)
     _kill_job_leftovers(tmp_path)
     ck_a, _ = latest_valid(run_dir)
     logged_after_a = _log_records(log_path) - ck_a.state["buffer"]["log_records"]
