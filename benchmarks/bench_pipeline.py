@@ -19,7 +19,8 @@ roles than cores cap it lower.
 
 Also reported: the mean batch staleness of each mode, and the learner's own phases timed on
 rank 0 (``train/phase/*_s``: waiting for the batch, its transfer, collation, forward, backward,
-optimizer, the export before the step) alone and inside each mode, with
+optimizer, the export before the step, the put beside it and the optimizer's wait for that put)
+alone and inside each mode, with
 ``learner_step_in_pipeline_vs_alone`` (its ``train_step`` inside async ÷ alone; target <= 1.15)
 next to ``learner_step_beside_generation_vs_alone`` (the same step while the rollout worker
 generates and nothing else runs: the hardware's share of that slowdown). The learner alone is

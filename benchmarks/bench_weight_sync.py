@@ -26,8 +26,10 @@ seconds and messages per sync for both and their ratios (targets for r=16 on ``s
 <= 1/20, seconds <= 1/5; docs/lora.md).
 With ``--ray-workers N`` it also measures the distributed system's two Ray transports side by
 side, interleaved, into the same N rollout worker actors (HF engines): the object store
-(``ObjectStoreSync``: ``export_s`` = what ``LearnerRank.export`` does, the borrowed export plus
-``ray.put``, whose copy is ``put_s``; ``sync_s`` = the workers' load) and the collective
+(``ObjectStoreSync``: ``export_s`` = the borrowed export plus ``ray.put``, whose copy is
+``put_s``, as learner rank 0's ``export`` and ``publish`` do; ``learner_path_s`` = the export alone,
+the part between two learner steps, since the put runs beside the next step; ``sync_s`` = the
+workers' load) and the collective
 broadcast over a gloo weight group (``CollectiveSync``, ``sync.transport: collective``, export
 included; ``--no-collective`` skips it), one JSON line per size.
 """
@@ -211,7 +213,7 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
     buckets and adopts them (``CollectiveSync``; one tiny membership check per worker first).
     ``ratio`` compares the workers' load with one raw copy of the same bytes, as above;
     ``export_sync_ratio`` adds the learner's export (borrowed buckets + ``ray.put``, as in
-    ``LearnerRank.export``); ``per_worker_ratio`` divides by the number of workers that each
+    ``LearnerRank.export`` + ``publish``); ``per_worker_ratio`` divides by the number of workers that each
     received a copy."""
     import ray
 
@@ -238,17 +240,18 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
         if collective:
             sender = ray.remote(BenchSender).options(num_cpus=0).remote(str(path), bucket_mb)
             coll = CollectiveSync([sender], actors, "gloo", timeout_s=600)
-        reports, copies, coll_reports, exports, puts = [], [], [], [], []
+        reports, copies, coll_reports, exports, puts, views = [], [], [], [], [], []
         for i in range(repeats + 1):
             version = 2 * i + 1
             copies.append(raw_copy_seconds(update, dst))
-            # ObjectStoreSync: what LearnerRank.export does (export, then one put), then the load
+            # ObjectStoreSync: what LearnerRank.export and .publish do (export, then one put), then the load
             start = time.perf_counter()
             published = exporter.export(learner.named_weights(), version, borrow=True)
             put_start = time.perf_counter()
             ref = ray.put(to_transport(published))
             exports.append(time.perf_counter() - start)
             puts.append(time.perf_counter() - put_start)
+            views.append(put_start - start)
             del published
             reports.append(load_on_workers(actors, ref, version, update.num_bytes, len(update.buckets),
                                            timeout_s=600))
@@ -264,6 +267,7 @@ def bench_ray(size: str, repeats: int, bucket_mb: int, workers: int, root: Path,
             "sync_s": round(sync_s, 5), "raw_copy_s": round(copy_s, 5),
             "ratio": round(sync_s / copy_s, 2), "per_worker_ratio": round(sync_s / copy_s / workers, 2),
             "export_s": round(export_s, 5), "put_s": round(statistics.median(puts[1:]), 5),
+            "learner_path_s": round(statistics.median(views[1:]), 5),
             "export_sync_ratio": round((export_s + sync_s) / copy_s, 2),
             "target": 1.5, "gb_per_s": round(update.num_bytes * workers / sync_s / 1e9, 3),
             "repeats": repeats, "object_store_mb": object_store_mb or "default",

@@ -76,6 +76,28 @@ def test_deepspeed_zero2_learner_exports_its_weights_exactly_and_borrows_them():
     _check_export(_learner("deepspeed", 2))
 
 
+@pytest.mark.slow
+def test_deepspeed_zero0_learner_exports_its_weights_exactly_and_borrows_them():
+    learner = _learner("deepspeed", 0)  # packed at construction, before DeepSpeed sees them
+    assert len({p.untyped_storage().data_ptr() for p in learner.model.parameters()}) == 1
+    _check_export(learner)
+
+
+def test_before_update_runs_after_backward_and_before_the_weights_change():
+    learner = _learner("torch")
+    weights = {n: t.clone() for n, t in learner.named_weights()}
+    seen = []
+
+    def before_update() -> None:
+        grads = [p.grad for p in learner.model.parameters() if p.requires_grad]
+        seen.append((all(torch.equal(weights[n], t) for n, t in learner.named_weights()),
+                     any(g is not None and bool(g.abs().sum() > 0) for g in grads)))
+
+    learner.train_step(_pairs(), before_update=before_update)
+    assert seen == [(True, True)]  # once: the weights unchanged, the gradients already there
+    assert any(not torch.equal(weights[n], t) for n, t in learner.named_weights())
+
+
 def test_a_held_version_keeps_its_bytes_when_later_versions_are_exported():
     model = build_model("tiny", seed=0)
     exporter = WeightExporter(BUCKET)  # plain model: not packed, so every export copies

@@ -32,8 +32,15 @@ from correction_rl.distributed.actors import (
     TeacherWorker,
 )
 from correction_rl.distributed.actors.start_errors import reporting_start_errors
+from correction_rl.distributed.weights import PUBLISH_GROUP
 from correction_rl.types import Prompt
 from correction_rl.errors import UserError
+
+
+def learner_rank_class():
+    """``LearnerRank`` as a Ray actor class, with the ``publish`` concurrency group its
+    object-store weight sync puts the weights from (``distributed/weights.py``)."""
+    return ray.remote(concurrency_groups={PUBLISH_GROUP: 1})(reporting_start_errors(LearnerRank))
 
 
 class PlacementError(RuntimeError, UserError):
@@ -347,7 +354,7 @@ def start_cluster(cfg: RunConfig, train_prompts: Sequence[Prompt]) -> Cluster:
     )
     learners = []
     for rank in range(res.num_learner_ranks):
-        actor_cls = ray.remote(reporting_start_errors(LearnerRank)).options(**options(index, max_restarts=0))
+        actor_cls = learner_rank_class().options(**options(index, max_restarts=0))
         learners.append(actor_cls.remote(cfg, rank, res.num_learner_ranks, master[0], master[1]))
         index += 1
     # a list of prompts, or a dataset's row numbers (prompts/indexed.py: each worker reads its rows)

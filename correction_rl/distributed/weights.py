@@ -2,7 +2,7 @@
 rank 0 publishes the buckets once, every rollout worker maps them.
 
 Messages per sync: one object (the ``WeightUpdate``: buckets + one layout list) put by learner
-rank 0 as the return value of ``export``, plus one ``load_weights`` call per rollout worker that
+rank 0's ``publish``, plus one ``load_weights`` call per rollout worker that
 receives the object's reference — a number that depends on the number of workers, never on the
 number of parameters. The buckets travel as numpy arrays because Ray stores those out of band
 and ``ray.get`` maps them read-only from shared memory without a copy; each worker then copies
@@ -10,8 +10,11 @@ once, straight into its engine's parameters (or adopts them: ``AdoptsWeights``).
 numpy dtype: such buckets travel as int16 views and are viewed back.)
 
 The export is part of the transport: ``start(v)`` asks every learner rank to export (ordered
-before the next learner step, since Ray runs one caller's calls to an actor in order) and
-returns at once, so the learner may train on while the workers load (``overlaps_training``).
+before the next learner step, since Ray runs one caller's calls to an actor's default group in
+order; views of the weights where they can be) and rank 0 to publish it (the put, in its
+``publish`` concurrency group: beside that step's forward and backward, its optimizer update
+waiting for it), and returns at once, so the learner may train on while the update is put and
+the workers load (``overlaps_training``).
 
 Every wait has a deadline: a worker that does not finish loading within ``sync.timeout_s``
 raises ``SyncTimeout`` naming the version and the worker instead of hanging the run.
@@ -33,6 +36,11 @@ from correction_rl.weights.group import dtype_named
 from correction_rl.weights.sync import SyncReport, SyncTimeout
 
 _VIEW_AS = {torch.bfloat16: torch.int16}
+
+PUBLISH_GROUP = "publish"
+"""The learner rank actor's concurrency group (one thread) for ``publish``: the put of version k
+runs beside step k+1's forward and backward instead of before it (``actors/learner.py``;
+``cluster.py`` creates the group)."""
 
 
 def to_transport(update: WeightUpdate) -> WeightUpdate:
@@ -66,7 +74,7 @@ def from_transport(update: WeightUpdate) -> WeightUpdate:
 
 @dataclass(frozen=True)
 class PublishedUpdate:
-    """What learner rank 0's ``export`` returns: the update's object-store reference (nested in
+    """What learner rank 0's ``publish`` returns: the update's object-store reference (nested in
     this record, so Ray passes the reference along instead of the bytes) and its size."""
 
     ref: Any
@@ -102,18 +110,23 @@ def load_on_workers(workers: Sequence, update_ref, version: int, num_bytes: int,
 
 @dataclass
 class PendingPublish:
-    """An object-store sync under way: the exports are issued; ``wait`` publishes and waits for
-    every worker's load (export included in the report's seconds and in the deadline)."""
+    """An object-store sync under way: the exports and the publish are issued; ``wait`` waits
+    for them and for every worker's load (export included in the report's seconds and in the
+    deadline)."""
 
     version: int
     exports: list
+    publish: Any
+    """``ObjectRef`` of rank 0's ``publish`` (a ``PublishedUpdate``)."""
     started: float
     workers: Sequence
     timeout_s: float
 
     def wait(self) -> SyncReport:
         try:
-            published: PublishedUpdate = ray.get(self.exports, timeout=self.timeout_s)[0]
+            ray.get(self.exports, timeout=self.timeout_s)  # a rank's export error, with its traceback
+            remaining = max(1e-3, self.timeout_s - (time.perf_counter() - self.started))
+            published: PublishedUpdate = ray.get(self.publish, timeout=remaining)
         except ray.exceptions.GetTimeoutError:
             raise SyncTimeout(self.version, "weight export on the learner ranks", self.timeout_s) from None
         report = load_on_workers(
@@ -134,12 +147,15 @@ class ObjectStoreSync:
         self.learners = list(learners)
         self.workers = list(workers)
         self.timeout_s = timeout_s
+        self.publish = self.learners[0].publish.options(concurrency_group=PUBLISH_GROUP)
 
     def start(self, version: int) -> PendingPublish:
         """Issue the export on every learner rank now (the caller's next learner step runs after
-        it) and return; ``wait`` on the result loads it everywhere."""
+        it) and rank 0's publish beside that step, and return; ``wait`` on the result loads it
+        everywhere."""
         exports = [r.export.remote() for r in self.learners]
-        return PendingPublish(version, exports, time.perf_counter(), self.workers, self.timeout_s)
+        publish = self.publish.remote(version, self.timeout_s)
+        return PendingPublish(version, exports, publish, time.perf_counter(), self.workers, self.timeout_s)
 
     def close(self) -> None:
         self.workers = []

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -78,12 +78,15 @@ class Learner:
         model.train()
         if learner_cfg.lora.enabled:  # only the adapter requires grad from here on (learner/lora.py)
             model = lora.wrap(model, learner_cfg.lora, model_cfg.gradient_checkpointing)
+        # one flat buffer: exporting the weights borrows it (weights/export.py); ZeRO-1/2 keeps
+        # flat ones of its own, ZeRO-3 partitions them, an adapter is exported on its own
+        flat = not learner_cfg.lora.enabled and (learner_cfg.backend != "deepspeed" or learner_cfg.zero_stage == 0)
+        if flat:
+            pack_parameters(model)  # before the optimizer and DeepSpeed see them: a storage move only
         if learner_cfg.backend == "deepspeed":
             self.backend = DeepSpeedBackend(model, learner_cfg, total_steps, self.dtype)
         else:
             self.backend = TorchBackend(model, learner_cfg, total_steps)
-            if not learner_cfg.lora.enabled:  # one flat buffer: exporting the weights borrows it
-                pack_parameters(self.model)  # (weights/export.py; ZeRO-1/2 keeps flat ones already)
         self.version = 0
         self.counters = LearnerCounters()
 
@@ -123,8 +126,10 @@ class Learner:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item() > 0)
 
-    def train_step(self, pairs: Sequence[CorrectionPair]) -> StepStats:
-        """One optimizer step over ``pairs`` split into ``grad_accum`` micro-batches."""
+    def train_step(self, pairs: Sequence[CorrectionPair], before_update: Callable[[], None] | None = None) -> StepStats:
+        """One optimizer step over ``pairs`` split into ``grad_accum`` micro-batches.
+        ``before_update`` runs just before the optimizer changes the weights: the Ray learner
+        waits there until the last export's views of them are published (``actors/learner.py``)."""
         start = time.perf_counter()
         pairs = self._select(pairs)
         micro = max(1, math.ceil(len(pairs) / max(1, self.cfg.grad_accum)))
@@ -166,6 +171,8 @@ class Learner:
             self.backend.zero_grad()
             self.counters.skipped_steps += 1
         else:
+            if before_update is not None:
+                before_update()
             with clock("optimizer"):
                 grad_norm = self.backend.step()
             self.version += 1

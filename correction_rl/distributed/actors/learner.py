@@ -1,10 +1,21 @@
 """The learner rank actor: one data-parallel learner rank, a DeepSpeed engine in its own
-process; rank 0 also exports the weights (object store) or broadcasts them (weight group)."""
+process; rank 0 also exports the weights (object store) or broadcasts them (weight group).
+
+The object-store sync comes in two halves, so that neither sits between two learner steps:
+``export`` (ordered before the next step) hands out the weights as buckets, views of the
+parameters where they lie back to back (no copy), and ``publish`` (in the actor's ``publish``
+concurrency group, a thread of its own) puts them into the object store while the next step's
+forward and backward run. That step's optimizer update waits until the put is done
+(``PublishHandoff``): it is the only thing that changes the parameters the views show. Before the
+split the put sat on the learner's path: 8 ms of the ``base`` model's ~10 ms export on 2 cores
+(docs/benchmarks.md, "Pipeline efficiency").
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 
 import ray
@@ -74,6 +85,10 @@ class LearnerRank:
         """Rank 0's membership of the collective weight group (``sync.transport: collective``)."""
         self._exporters: dict = {}
         """Rank 0's ``WeightExporter`` per bucket device (``gathered_update``)."""
+        self.handoff = PublishHandoff()
+        """Rank 0's exported update on its way from ``export`` to ``publish``."""
+        self.publish_s = 0.0
+        """Seconds publishing (beside the steps) since the last step (reported with the next one)."""
 
     def pid(self) -> int:
         return os.getpid()
@@ -89,26 +104,49 @@ class LearnerRank:
         if isinstance(pairs, ShardRef):
             pairs = ray.get(pairs.ref, timeout=self.cfg.resources.call_timeout_s)
         fetched = time.perf_counter()
-        stats = self.learner.train_step(pairs)
+        publish_wait = [0.0]
+
+        def before_update() -> None:  # the export's views must be put before the weights change
+            publish_wait[0] = self.handoff.wait_until_published(self.cfg.sync.timeout_s)
+
+        stats = self.learner.train_step(pairs, before_update=before_update)
         self.last_end = time.perf_counter()
         self.clock.add(self.last_end - start)
         stats.extra.update({"phase/wait_for_batch_s": waited, "phase/batch_transfer_s": fetched - start,
-                            "phase/export_s": self.export_s, "phase/rank_step_s": self.last_end - start})
-        self.export_s = 0.0
+                            "phase/export_s": self.export_s, "phase/publish_s": self.publish_s,
+                            "phase/publish_wait_s": publish_wait[0], "phase/rank_step_s": self.last_end - start})
+        self.export_s = self.publish_s = 0.0
         return stats
 
     @_timed_export
-    def export(self) -> PublishedUpdate | None:
-        """Gather the full weights (a collective under ZeRO-3: every rank calls it); rank 0 puts
-        them into the object store once and returns the reference with the update's size."""
-        from correction_rl.distributed.weights import to_transport
-
-        update = self.gathered_update("cpu")  # on a GPU: into pinned, reused host buffers
+    def export(self) -> int | None:
+        """Gather the full weights (a collective under ZeRO-3: every rank calls it); rank 0 hands
+        them to ``publish`` as buckets: views of its flat parameters where it can, else copies in
+        reused host buffers (pinned on a GPU). Returns the version (None on the other ranks)."""
+        update = self.gathered_update("cpu")
         if update is None:
             return None
-        ref = ray.put(to_transport(update))  # copies: the borrowed buckets are free again
-        return PublishedUpdate(ref=ref, version=update.version,
-                               num_bytes=update.num_bytes, num_buckets=len(update.buckets))
+        self.handoff.wait_until_published(self.cfg.sync.timeout_s)  # after a skipped step: one at a time
+        self.handoff.stage(update)
+        return update.version
+
+    def publish(self, version: int, timeout_s: float) -> PublishedUpdate:
+        """Rank 0, in the ``publish`` concurrency group (beside the next step): put the exported
+        ``version`` into the object store once; returns the reference with the update's size.
+        Waits (at most ``timeout_s``) for ``export``: both are issued together and this one may
+        start first."""
+        from correction_rl.distributed.weights import to_transport
+
+        update = self.handoff.take(version, timeout_s)
+        start = time.perf_counter()
+        try:
+            ref = ray.put(to_transport(update))  # copies: the borrowed buckets are free again
+            return PublishedUpdate(ref=ref, version=update.version,
+                                   num_bytes=update.num_bytes, num_buckets=len(update.buckets))
+        finally:
+            del update
+            self.handoff.done()  # the optimizer update may go on (also after a failed put)
+            self.publish_s += time.perf_counter() - start
 
     def gathered_update(self, device: str | None = None) -> WeightUpdate | None:
         """The full weights as buckets on rank 0 (None on the others). Every rank must call it:
@@ -186,3 +224,45 @@ class LearnerRank:
 
     def collective_leave(self) -> None:
         self.member.leave()
+
+
+class PublishHandoff:
+    """The exported update between the learner actor's two threads: ``export`` stages it,
+    ``publish`` takes it and puts it, and the next optimizer update waits until it is done,
+    because the buckets may be views of the live parameters. One at a time: the next export
+    comes after that optimizer update."""
+
+    def __init__(self) -> None:
+        self._update: WeightUpdate | None = None
+        self._changed = threading.Condition()
+
+    def stage(self, update: WeightUpdate) -> None:
+        with self._changed:
+            self._update = update
+            self._changed.notify_all()
+
+    def take(self, version: int, timeout_s: float) -> WeightUpdate:
+        """The staged update of ``version``; it stays staged until ``done``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._update is not None, timeout_s):
+                raise TimeoutError(f"learner rank 0 exported no weights of version {version} "
+                                   f"within {timeout_s:.0f} s (sync.timeout_s)")
+            if self._update.version != version:
+                raise RuntimeError(f"asked to publish weights of version {version}, "
+                                   f"but version {self._update.version} is exported")
+            return self._update
+
+    def done(self) -> None:
+        with self._changed:
+            self._update = None
+            self._changed.notify_all()
+
+    def wait_until_published(self, timeout_s: float) -> float:
+        """Block until no exported update is left to put; returns the seconds waited."""
+        start = time.perf_counter()
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._update is None, timeout_s):
+                raise TimeoutError(f"the weights of version {self._update.version} exported for the object "
+                                   f"store were not published within {timeout_s:.0f} s (sync.timeout_s); "
+                                   "the learner cannot update them before they are")
+        return time.perf_counter() - start

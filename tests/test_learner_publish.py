@@ -1,0 +1,90 @@
+"""The learner rank's object-store export in two halves (``actors/learner.py``): ``export`` hands
+out views of the weights before the next step, ``publish`` puts them from a thread of its own while
+that step runs, and the step's optimizer update waits for the put. The race this guards against:
+a put still reading the views when the optimizer changes the weights would publish a mix of two
+versions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _rank(tiny_model_dir, timeout_s: float):
+    import ray
+
+    from correction_rl.config import config_from_dict
+    from correction_rl.distributed.cluster import _free_port, learner_rank_class
+
+    cfg = config_from_dict({"model": {"path": str(tiny_model_dir)}, "sync": {"timeout_s": timeout_s},
+                            "objective": {"form": "logistic"},
+                            "learner": {"backend": "torch", "lr": 1e-2, "micro_batch_pairs": 8}})
+    rank = learner_rank_class().options(num_cpus=1).remote(cfg, 0, 1, "127.0.0.1", _free_port())
+    ray.get(rank.version.remote(), timeout=120)
+    return rank
+
+
+def _pairs(tiny_model_dir):
+    from correction_rl.models import load_tokenizer
+    from correction_rl.types import CorrectionPair
+
+    tok = load_tokenizer(tiny_model_dir)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    return [CorrectionPair(pair_id=f"p{i}", prompt_ids=tok(f"{i}+{i}=")["input_ids"], rejected_ids=enc(str(2 * i + 1)),
+                           chosen_ids=enc(str(2 * i)), policy_version=0, teacher="test", edit_distance=1)
+            for i in range(10, 18)]
+
+
+def _weights(rank) -> dict[str, torch.Tensor]:
+    import ray
+
+    from correction_rl.weights.sync import unflatten
+
+    return dict(unflatten(ray.get(rank.gathered_update.remote("cpu"), timeout=60)))
+
+
+def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_model_dir):
+    import ray
+
+    from correction_rl.distributed.weights import PUBLISH_GROUP, from_transport
+    from correction_rl.weights.sync import unflatten
+
+    rank = _rank(tiny_model_dir, timeout_s=60)
+    try:
+        before = _weights(rank)
+        assert ray.get(rank.export.remote(), timeout=60) == 0
+        step = rank.train_step.remote(_pairs(tiny_model_dir))  # issued before the publish, as the driver does
+        time.sleep(1.5)
+        ready, _ = ray.wait([step], timeout=0)
+        assert not ready, "the step finished while its weights' export was not yet published"
+        published = ray.get(rank.publish.options(concurrency_group=PUBLISH_GROUP).remote(0, 60), timeout=60)
+        stats = ray.get(step, timeout=60)
+        assert stats.step == 1 and stats.extra["phase/publish_wait_s"] >= 1.0
+        assert stats.extra["phase/publish_s"] > 0
+        got = dict(unflatten(from_transport(ray.get(published.ref, timeout=60))))
+        assert got.keys() == before.keys() and published.version == 0
+        for name, value in before.items():  # version 0, bit for bit: not a mix with version 1
+            assert torch.equal(got[name], value), name
+        after = _weights(rank)
+        assert any(not torch.equal(after[n], before[n]) for n in before)  # the step did move them
+    finally:
+        ray.kill(rank)
+
+
+def test_an_export_never_published_stops_the_next_step_with_a_clear_error(tiny_model_dir):
+    import ray
+
+    rank = _rank(tiny_model_dir, timeout_s=2)
+    try:
+        ray.get(rank.export.remote(), timeout=60)
+        start = time.perf_counter()
+        with pytest.raises(ray.exceptions.RayTaskError, match="version 0 exported for the object store were not "
+                                                              "published within 2 s"):
+            ray.get(rank.train_step.remote(_pairs(tiny_model_dir)), timeout=60)
+        assert time.perf_counter() - start < 30
+    finally:
+        ray.kill(rank)
