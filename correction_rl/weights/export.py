@@ -8,12 +8,13 @@ path, so ``WeightExporter`` removes both costs where it can:
 
 * **views** (``borrow=True``): when the tensors of a bucket already lie back to back in one
   storage, in the layout's order (DeepSpeed ZeRO-1/2 keeps the module's parameters as views of
-  one flat buffer; the learner packs them so for the torch backend: ``pack_parameters``), the
+  one flat buffer; the learner packs them so for the torch backend and ZeRO-0: ``pack_parameters``), the
   bucket *is* that range of the storage: no copy at all. Such an update aliases the live
   weights, so it is valid only until they next change: the caller must be done reading it
-  before the learner's next step. Every transport here is: ``ray.put`` copies into the object
-  store, a broadcast completes inside ``WeightGroup.send``, ``InProcessSync`` loads inside
-  ``start``.
+  before the learner's next optimizer update. Every transport here is: a broadcast completes
+  inside ``WeightGroup.send`` and ``InProcessSync`` loads inside ``start``, before the next step;
+  the object store's ``ray.put`` runs beside the next step, whose optimizer update waits for it
+  (``distributed/actors/learner.py``).
 * **reused buffers** (everything else, and every ``borrow=False`` export): the buckets are
   copied (one ``torch.cat(out=)`` per bucket, torch's own multi-threaded copy) into buffers
   allocated once and reused across versions. Reuse must never overwrite bytes a receiver still

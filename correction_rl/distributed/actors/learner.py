@@ -1,14 +1,14 @@
 """The learner rank actor: one data-parallel learner rank, a DeepSpeed engine in its own
 process; rank 0 also exports the weights (object store) or broadcasts them (weight group).
 
-The object-store sync comes in two halves, so that neither sits between two learner steps:
-``export`` (ordered before the next step) hands out the weights as buckets, views of the
+The object-store sync comes in two halves, so that only the cheap one sits between two learner
+steps: ``export`` (ordered before the next step) hands out the weights as buckets, views of the
 parameters where they lie back to back (no copy), and ``publish`` (in the actor's ``publish``
 concurrency group, a thread of its own) puts them into the object store while the next step's
 forward and backward run. That step's optimizer update waits until the put is done
 (``PublishHandoff``): it is the only thing that changes the parameters the views show. Before the
-split the put sat on the learner's path: 8 ms of the ``base`` model's ~10 ms export on 2 cores
-(docs/benchmarks.md, "Pipeline efficiency").
+split the put sat on the learner's path: the ``base`` model's export took 8-10 ms there on 2
+cores, now ~1 ms (docs/benchmarks.md, "Issue 19, third round").
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class LearnerRank:
         fetches itself (the driver's prefetch, ``distributed/batches.py``). Adds to the step's
         phases (``train/phase/*_s``, docs/metrics.md) what only the rank sees: how long it
         waited idle for this call since its last work, the batch's transfer, the export before
-        it."""
+        it, the put beside it and how long its optimizer update waited for that put."""
         start = time.perf_counter()
         waited = 0.0 if self.last_end is None else start - self.last_end
         if isinstance(pairs, ShardRef):
@@ -151,8 +151,9 @@ class LearnerRank:
     def gathered_update(self, device: str | None = None) -> WeightUpdate | None:
         """The full weights as buckets on rank 0 (None on the others). Every rank must call it:
         under ZeRO-3 each parameter is gathered collectively. The buckets borrow the learner's
-        flat parameters where they can (``weights/export.py``): both callers are done with them
-        (``ray.put`` copied, the broadcast finished) before this actor runs the next step."""
+        flat parameters where they can (``weights/export.py``), valid until the next optimizer
+        update: the broadcast finishes before this actor runs the next step, and that step's
+        optimizer update waits for ``publish``'s put (``PublishHandoff``)."""
         from correction_rl.weights.export import WeightExporter
 
         named = self.rank0_weights()
