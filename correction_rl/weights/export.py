@@ -8,8 +8,8 @@ path, so ``WeightExporter`` removes both costs where it can:
 
 * **views** (``borrow=True``): when the tensors of a bucket already lie back to back in one
   storage, in the layout's order (DeepSpeed ZeRO-1/2 keeps the module's parameters as views of
-  one flat buffer; the learner packs them so for the torch backend and ZeRO-0: ``pack_parameters``), the
-  bucket *is* that range of the storage: no copy at all. Such an update aliases the live
+  one flat buffer; the learner packs them so for the torch backend and ZeRO-0:
+  ``pack_parameters``), the bucket *is* that range of the storage: no copy at all. Such an update aliases the live
   weights, so it is valid only until they next change: the caller must be done reading it
   before the learner's next optimizer update. Every transport here is: a broadcast completes
   inside ``WeightGroup.send`` and ``InProcessSync`` loads inside ``start``, before the next step;
