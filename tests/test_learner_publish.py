@@ -11,9 +11,6 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("ray_local")
-
-
 def _rank(tiny_model_dir, timeout_s: float):
     import ray
 
@@ -47,6 +44,7 @@ def _weights(rank) -> dict[str, torch.Tensor]:
     return dict(unflatten(ray.get(rank.gathered_update.remote("cpu"), timeout=60)))
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_model_dir):
     import ray
 
@@ -75,6 +73,7 @@ def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_mo
         ray.kill(rank)
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_an_export_never_published_stops_the_next_step_with_a_clear_error(tiny_model_dir):
     import ray
 
@@ -88,3 +87,32 @@ def test_an_export_never_published_stops_the_next_step_with_a_clear_error(tiny_m
         assert time.perf_counter() - start < 30
     finally:
         ray.kill(rank)
+
+
+def test_the_handoff_gives_each_publish_its_own_version_and_times_out_readably():
+    import threading
+
+    from correction_rl.distributed.actors.learner import PublishHandoff
+    from correction_rl.types import WeightUpdate
+
+    handoff = PublishHandoff()
+    assert handoff.wait_until_published(0.1) < 0.1  # nothing exported: the optimizer goes on
+    handoff.stage(WeightUpdate(version=3, layout=[], buckets=[]))
+    taken = []
+    later = threading.Thread(target=lambda: taken.append(handoff.take(4, 10).version))
+    later.start()  # asks for version 4 while 3 is still staged: waits for 3's publish and 4's export
+    time.sleep(0.2)
+    assert handoff.take(3, 1).version == 3 and not taken
+    with pytest.raises(TimeoutError, match="version 3 exported for the object store were not published within 0 s"):
+        handoff.wait_until_published(0.05)
+    handoff.done()
+    assert handoff.wait_until_published(1) < 1
+    handoff.stage(WeightUpdate(version=4, layout=[], buckets=[]))
+    later.join(5)
+    assert taken == [4]
+    handoff.done()
+    with pytest.raises(TimeoutError, match="exported no weights of version 5 within 0 s"):
+        handoff.take(5, 0.05)
+    handoff.stage(WeightUpdate(version=6, layout=[], buckets=[]))
+    with pytest.raises(RuntimeError, match="asked to publish weights of version 5, but version 6 is exported"):
+        handoff.take(5, 1)

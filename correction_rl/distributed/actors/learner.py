@@ -243,9 +243,11 @@ class PublishHandoff:
             self._changed.notify_all()
 
     def take(self, version: int, timeout_s: float) -> WeightUpdate:
-        """The staged update of ``version``; it stays staged until ``done``."""
+        """The staged update of ``version``, once exported (an older one still staged is another
+        publish's to finish first); it stays staged until ``done``."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._update is not None, timeout_s):
+            if not self._changed.wait_for(lambda: self._update is not None and self._update.version >= version,
+                                          timeout_s):
                 raise TimeoutError(f"learner rank 0 exported no weights of version {version} "
                                    f"within {timeout_s:.0f} s (sync.timeout_s)")
             if self._update.version != version:
