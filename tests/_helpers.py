@@ -19,6 +19,17 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def addition_pairs(tok) -> list:
+    """Eight correction pairs "i+i=" -> rejected 2i+1, chosen 2i (token ids of ``tok``, eos
+    after each answer): a learner batch whose step moves the weights."""
+    from correction_rl.types import CorrectionPair
+
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    return [CorrectionPair(pair_id=f"p{i}", prompt_ids=tok(f"{i}+{i}=")["input_ids"], rejected_ids=enc(str(2 * i + 1)),
+                           chosen_ids=enc(str(2 * i)), policy_version=0, teacher="test", edit_distance=1)
+            for i in range(10, 18)]
+
+
 def overfit(model, tok, seqs: list[list[int]], steps: int, lr: float = 3e-3) -> None:
     """Train ``model`` on the token sequences ``seqs`` (left-padded into one batch, loss on every
     real token) for ``steps`` AdamW steps, seeded: the tiny chat models' answers then sit far

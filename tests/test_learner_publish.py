@@ -10,30 +10,21 @@ import time
 
 import pytest
 import torch
+from _helpers import addition_pairs, free_loopback_port
+
 
 def _rank(tiny_model_dir, timeout_s: float):
     import ray
 
     from correction_rl.config import config_from_dict
-    from correction_rl.distributed.cluster import _free_port, learner_rank_class
+    from correction_rl.distributed.cluster import learner_rank_class
 
     cfg = config_from_dict({"model": {"path": str(tiny_model_dir)}, "sync": {"timeout_s": timeout_s},
                             "objective": {"form": "logistic"},
                             "learner": {"backend": "torch", "lr": 1e-2, "micro_batch_pairs": 8}})
-    rank = learner_rank_class().options(num_cpus=1).remote(cfg, 0, 1, "127.0.0.1", _free_port())
+    rank = learner_rank_class().options(num_cpus=1).remote(cfg, 0, 1, "127.0.0.1", free_loopback_port())
     ray.get(rank.version.remote(), timeout=120)
     return rank
-
-
-def _pairs(tiny_model_dir):
-    from correction_rl.models import load_tokenizer
-    from correction_rl.types import CorrectionPair
-
-    tok = load_tokenizer(tiny_model_dir)
-    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
-    return [CorrectionPair(pair_id=f"p{i}", prompt_ids=tok(f"{i}+{i}=")["input_ids"], rejected_ids=enc(str(2 * i + 1)),
-                           chosen_ids=enc(str(2 * i)), policy_version=0, teacher="test", edit_distance=1)
-            for i in range(10, 18)]
 
 
 def _weights(rank) -> dict[str, torch.Tensor]:
@@ -45,7 +36,7 @@ def _weights(rank) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_model_dir):
+def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_model_dir, tiny_tokenizer):
     import ray
 
     from correction_rl.distributed.weights import PUBLISH_GROUP, from_transport
@@ -55,7 +46,7 @@ def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_mo
     try:
         before = _weights(rank)
         assert ray.get(rank.export.remote(), timeout=60) == 0
-        step = rank.train_step.remote(_pairs(tiny_model_dir))  # issued before the publish, as the driver does
+        step = rank.train_step.remote(addition_pairs(tiny_tokenizer))  # issued before the publish, as the driver does
         time.sleep(1.5)
         ready, _ = ray.wait([step], timeout=0)
         assert not ready, "the step finished while its weights' export was not yet published"
@@ -74,7 +65,7 @@ def test_the_next_step_updates_the_weights_only_after_they_are_published(tiny_mo
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_an_export_never_published_stops_the_next_step_with_a_clear_error(tiny_model_dir):
+def test_an_export_never_published_stops_the_next_step_with_a_clear_error(tiny_model_dir, tiny_tokenizer):
     import ray
 
     rank = _rank(tiny_model_dir, timeout_s=2)
@@ -83,7 +74,7 @@ def test_an_export_never_published_stops_the_next_step_with_a_clear_error(tiny_m
         start = time.perf_counter()
         with pytest.raises(ray.exceptions.RayTaskError, match="version 0 exported for the object store were not "
                                                               "published within 2 s"):
-            ray.get(rank.train_step.remote(_pairs(tiny_model_dir)), timeout=60)
+            ray.get(rank.train_step.remote(addition_pairs(tiny_tokenizer)), timeout=60)
         assert time.perf_counter() - start < 30
     finally:
         ray.kill(rank)
@@ -97,7 +88,7 @@ def test_the_handoff_gives_each_publish_its_own_version_and_times_out_readably()
 
     handoff = PublishHandoff()
     assert handoff.wait_until_published(0.1) < 0.1  # nothing exported: the optimizer goes on
-    handoff.stage(WeightUpdate(version=3, layout=[], buckets=[]))
+    handoff.stage(WeightUpdate(version=3, layout=[], buckets=[]), 1)
     taken = []
     later = threading.Thread(target=lambda: taken.append(handoff.take(4, 10).version))
     later.start()  # asks for version 4 while 3 is still staged: waits for 3's publish and 4's export
@@ -107,12 +98,12 @@ def test_the_handoff_gives_each_publish_its_own_version_and_times_out_readably()
         handoff.wait_until_published(0.05)
     handoff.done()
     assert handoff.wait_until_published(1) < 1
-    handoff.stage(WeightUpdate(version=4, layout=[], buckets=[]))
+    handoff.stage(WeightUpdate(version=4, layout=[], buckets=[]), 1)
     later.join(5)
     assert taken == [4]
     handoff.done()
     with pytest.raises(TimeoutError, match="exported no weights of version 5 within 0 s"):
         handoff.take(5, 0.05)
-    handoff.stage(WeightUpdate(version=6, layout=[], buckets=[]))
+    handoff.stage(WeightUpdate(version=6, layout=[], buckets=[]), 1)
     with pytest.raises(RuntimeError, match="asked to publish weights of version 5, but version 6 is exported"):
         handoff.take(5, 1)

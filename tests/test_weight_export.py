@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import addition_pairs
 
 from correction_rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
 from correction_rl.learner.learner import Learner
 from correction_rl.models import build_model, build_tokenizer
-from correction_rl.types import CorrectionPair
 from correction_rl.weights.export import WeightExporter, pack_parameters, plan_buckets, plan_key
 from correction_rl.weights.group import WeightLayout
 from correction_rl.weights.sync import flatten_to_buckets, unflatten
 
 TOKENIZER = build_tokenizer()
 BUCKET = 1 << 16  # several buckets for the tiny model
-
-
-def _pairs() -> list[CorrectionPair]:
-    enc = lambda text: TOKENIZER(text, add_special_tokens=False)["input_ids"] + [TOKENIZER.eos_token_id]  # noqa: E731
-    return [CorrectionPair(pair_id=f"p{i}", prompt_ids=TOKENIZER(f"{i}+{i}=")["input_ids"],
-                           rejected_ids=enc(str(2 * i + 1)), chosen_ids=enc(str(2 * i)), policy_version=0,
-                           teacher="test", edit_distance=1) for i in range(10, 18)]
 
 
 def _learner(backend: str, stage: int = 0) -> Learner:
@@ -59,7 +52,7 @@ def _check_export(learner: Learner) -> None:
             for name, value in weights.items():
                 assert torch.equal(got[name], value), name  # bit-equal, dtype included
         del borrowed, copied
-        stats = learner.train_step(_pairs())
+        stats = learner.train_step(addition_pairs(TOKENIZER))
         assert not stats.skipped
     assert any(not torch.equal(weights[n], t) for n, t in learner.named_weights())  # the step moved them
 
@@ -93,7 +86,7 @@ def test_before_update_runs_after_backward_and_before_the_weights_change():
         seen.append((all(torch.equal(weights[n], t) for n, t in learner.named_weights()),
                      any(g is not None and bool(g.abs().sum() > 0) for g in grads)))
 
-    learner.train_step(_pairs(), before_update=before_update)
+    learner.train_step(addition_pairs(TOKENIZER), before_update=before_update)
     assert seen == [(True, True)]  # once: the weights unchanged, the gradients already there
     assert any(not torch.equal(weights[n], t) for n, t in learner.named_weights())
 

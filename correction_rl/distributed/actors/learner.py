@@ -126,8 +126,7 @@ class LearnerRank:
         update = self.gathered_update("cpu")
         if update is None:
             return None
-        self.handoff.wait_until_published(self.cfg.sync.timeout_s)  # after a skipped step: one at a time
-        self.handoff.stage(update)
+        self.handoff.stage(update, self.cfg.sync.timeout_s)
         return update.version
 
     def publish(self, version: int, timeout_s: float) -> PublishedUpdate:
@@ -237,7 +236,10 @@ class PublishHandoff:
         self._update: WeightUpdate | None = None
         self._changed = threading.Condition()
 
-    def stage(self, update: WeightUpdate) -> None:
+    def stage(self, update: WeightUpdate, timeout_s: float) -> None:
+        """Stage ``update`` once the previous one is published (an export after a skipped step
+        comes with no optimizer update between: it waits here instead)."""
+        self.wait_until_published(timeout_s)
         with self._changed:
             self._update = update
             self._changed.notify_all()
