@@ -175,7 +175,8 @@ class TimedDriver(Driver):
 
     def finish_learn(self, batch, calls):
         metrics = super().finish_learn(batch, calls)
-        self.step_times.append(time.perf_counter())
+        if metrics is not None:  # None: a step issued ahead found no batch, nothing trained
+            self.step_times.append(time.perf_counter())
         return metrics
 
 
@@ -288,6 +289,8 @@ def main() -> None:
             "async_pairs_per_s": round(steady_async, 2), "sync_pairs_per_s": round(steady_sync, 2),
             "efficiency": round(statistics.median(steady_efficiency), 3),
             "efficiency_per_repeat": [round(e, 3) for e in steady_efficiency],
+            "async_pairs_per_s_per_repeat": [round(a, 1) for a in phases["async"].steady],
+            "learner_alone_pairs_per_s_per_repeat": [round(rate, 1) for rate, _ in alone],
             "async_speedup": round(steady_async / steady_sync, 3),
             "speedup_vs_bound": round(steady_async / steady_sync / bound, 3),
         },
