@@ -274,7 +274,7 @@ class Driver:
         waits for that; the producers are tended, and the run stops once no batch came for
         ``call_timeout_s`` (``BatchSource.missed``)."""
         if exports is not None:
-            self.syncer.after_step({}, may_overlap=True, exports=exports)
+            self.syncer.begin_background(exports)
         self.batches.missed()
 
     def publish_orphaned(self, exports: list) -> None:
@@ -282,7 +282,7 @@ class Driver:
         queued export anyway, so that step's optimizer update is not left waiting for the put
         until ``sync.timeout_s`` before the checkpoint (``settle``)."""
         try:
-            self.syncer.after_step({}, may_overlap=True, exports=exports)
+            self.syncer.begin_background(exports)
         except Exception as exc:  # noqa: BLE001 - reported, the original error propagates
             print(f"warning: the weights exported before the fault were not published ({exc})", flush=True)
 

@@ -96,7 +96,7 @@ class WeightSyncer:
         A background sync does not wait for the previous one: its loads are ordered after the
         previous loads by its own thread, and the driver settles the previous one
         (``settle_previous``) once it has issued the next learner step."""
-        if exports is not None or (may_overlap and self.can_overlap):
+        if may_overlap and self.can_overlap:  # always so where ``exports`` come from (``export_ahead``)
             self.begin_background(exports)
             return True
         self.finish_background()
