@@ -178,8 +178,7 @@ class TimedDriver(Driver):
 
     def finish_learn(self, batch, calls):
         metrics = super().finish_learn(batch, calls)
-        if metrics is not None:  # None: a step issued ahead found no batch, nothing trained
-            self.step_times.append(time.perf_counter())
+        self.step_times.append(time.perf_counter())
         return metrics
 
 

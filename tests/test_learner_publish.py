@@ -107,22 +107,3 @@ def test_the_handoff_gives_each_publish_its_own_version_and_times_out_readably()
     handoff.stage(WeightUpdate(version=6, layout=[], buckets=[]), 1)
     with pytest.raises(RuntimeError, match="asked to publish weights of version 5, but version 6 is exported"):
         handoff.take(5, 1)
-
-
-@pytest.mark.usefixtures("ray_local")
-def test_a_shard_reference_holding_no_batch_trains_nothing(tiny_model_dir, tiny_tokenizer):
-    """A step issued ahead whose batch request found nothing in time gets None behind its shard
-    reference (``BufferActor.sample_batch``): it returns None without a step, a skipped step or
-    a version, and the next step is the first."""
-    import ray
-
-    from correction_rl.distributed.batches import ShardRef
-
-    rank = _rank(tiny_model_dir, timeout_s=60)
-    try:
-        assert ray.get(rank.train_step.remote(ShardRef(ray.put(None))), timeout=60) is None
-        assert ray.get(rank.version.remote(), timeout=60) == 0
-        stats = ray.get(rank.train_step.remote(ShardRef(ray.put(addition_pairs(tiny_tokenizer)))), timeout=60)
-        assert stats.step == 1 and stats.extra["skipped_steps"] == 0 and stats.num_pairs > 0
-    finally:
-        ray.kill(rank)

@@ -1,15 +1,12 @@
 """The Ray driver's step loop: the same phases as the in-process loop, run by actors.
 
 One step: sample a batch -> learn on every rank -> sync the weights -> (evaluate) -> telemetry
--> (checkpoint) -> log. In async mode the steps overlap: the next step is issued before this one
-has returned, queued on the learner ranks behind it and the export it must follow, with its batch
-going from the buffer actor to the ranks by reference (``issue_ahead``); where something must run
-between two steps (evaluation, checkpoint, the collective sync) the next step is issued right after
-it instead, before this step's telemetry and row are made. Everything else has a room of its own:
-where batches come from in each mode (``sampling.py``), the producers and restarted workers
-(``producers.py``), the weight transport and background syncs (``weight_sync.py``), metrics
-(``telemetry.py``), checkpoints (``checkpoints.py``), and the run around the loop
-(``session.py``, the shared lifecycle).
+-> (checkpoint) -> log. In async mode the steps overlap: the next batch is asked for while a step
+trains, and the next step is issued (after the export it must follow) before this step's
+telemetry and row are made. Everything else has a room of its own: where batches come from in each
+mode (``sampling.py``), the producers and restarted workers (``producers.py``), the weight
+transport and background syncs (``weight_sync.py``), metrics (``telemetry.py``), checkpoints
+(``checkpoints.py``), and the run around the loop (``session.py``, the shared lifecycle).
 
 ``async`` (default): rollout workers generate continuously and hand batches to teacher workers,
 which push pairs into the buffer actor; the driver only asks the buffer for the next learner
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +35,7 @@ from correction_rl.distributed.cluster import Cluster
 from correction_rl.distributed.collective import make_weight_sync
 from correction_rl.distributed.health import ActorHealth
 from correction_rl.distributed.producers import Producers, Recovery
-from correction_rl.distributed.sampling import SAMPLE_WAIT_S, Batch, BatchSource
+from correction_rl.distributed.sampling import Batch, BatchSource
 from correction_rl.distributed.settings import check_settings
 from correction_rl.distributed.telemetry import Telemetry
 from correction_rl.distributed.weight_sync import WeightSyncer
@@ -74,30 +70,11 @@ class StepPlan:
             last=last,
         )
 
-    @classmethod
-    def before_ahead(cls, exported: bool) -> "StepPlan":
-        """The plan of a step with the next step already issued behind it (``issue_ahead``):
-        issued only when this step's predicted plan needed no engine, so there is nothing to do but
-        sync what was exported. A stop waits for the step behind; a step that did not move the
-        version (skipped) had its evaluation and checkpoint when that version was made."""
-        return cls(sync=exported, evaluate=False, checkpoint=False, stop=False, last=False)
-
     @property
     def engines_needed(self) -> bool:
         """Evaluation, a checkpoint and the end of the run need every engine on this version:
         no background sync then."""
         return self.evaluate or self.checkpoint or self.last
-
-
-@dataclass
-class Launched:
-    """A learner step issued on every rank and not yet returned."""
-
-    batch: Batch
-    calls: list
-    exports: list | None = None
-    """The export queued behind this step, before the step issued ahead of its result
-    (``Driver.issue_ahead``); its sync is started once this step has returned."""
 
 
 class Driver:
@@ -126,19 +103,15 @@ class Driver:
         """Issue one step on every rank, each on its own shard; returns the calls' references."""
         return [r.train_step.remote(s) for r, s in zip(self.cluster.learners, batch.shards)]
 
-    def finish_learn(self, batch: Batch, calls: list) -> dict[str, float] | None:
+    def finish_learn(self, batch: Batch, calls: list) -> dict[str, float]:
         """Wait for the step issued by ``start_learn``; the buffer learns the new version (with
-        the next sample when one is already asked for, else now). None: the step was issued
-        ahead and found no batch, nothing was trained."""
+        the next sample when one is already asked for, else now)."""
+        staleness = batch.info.staleness(self.version)  # at the version the step trains from
         stats = get_within(calls, self.timeout, "learner step")
-        info = batch.resolve(self.timeout)
-        if info is None:  # every rank found its shard None and returned None
-            return None
-        staleness = info.staleness(self.version)  # at the version the step trained from
         self.version = stats[0].step
         self.pairs_trained += sum(s.num_pairs for s in stats)
         self.batches.trained(batch)
-        if self.batches.told_version < self.version:
+        if self.batches.pending is None:
             get_within(self.cluster.buffer.set_learner_version.remote(self.version), self.timeout, "buffer version")
         return {**stats[0].as_metrics(),
                 "buffer/batch_staleness_mean": sum(staleness) / max(1, len(staleness)),
@@ -173,36 +146,25 @@ class Driver:
         once = resume.as_metrics() if resume is not None else {}  # on the first row only
         self.producers.start()
         telemetry = None  # requested at the end of one step, collected at the end of the next
-        issued: deque[Launched] = deque()  # the step under way, then the one issued ahead of its result
-        current: Launched | None = None
+        launched: tuple[Batch, list] | None = None  # the next step, issued before this one's bookkeeping
         try:
             while self.version < self.cfg.total_steps:
                 clock = PhaseClock()  # driver/<phase>_s: where a step's wall time goes
-                with clock("sample"):
-                    if not issued:
-                        issued.append(self.launch(signals))
-                    current = issued[0]
-                    ahead = self.issue_ahead(current, signals)
-                    if ahead is not None:
-                        issued.append(ahead)
-                issued.popleft()  # in flight until here (a fault settles it); now finish_learn's
+                if launched is None:
+                    with clock("sample"):
+                        launched = self.launch(signals)
+                (batch, calls), launched = launched, None
                 with clock("learn"):
-                    learned = self.finish_learn(current.batch, current.calls)
-                exports, current.exports = current.exports, None
-                if learned is None:  # issued ahead, it found no batch in time
-                    self.missed_batch(exports)
-                    continue
-                metrics: dict[str, Any] = learned
-                self.maybe_log_corrections(sink, current.batch)
-                step = (StepPlan.before_ahead(exports is not None) if issued
-                        else StepPlan.after(self.cfg, self.version, signals.received is not None))
+                    metrics: dict[str, Any] = self.finish_learn(batch, calls)
+                self.maybe_log_corrections(sink, batch)
+                step = StepPlan.after(self.cfg, self.version, signals.received is not None)
                 held = False
                 if step.sync:
                     with clock("sync"):
-                        held = self.syncer.after_step(metrics, may_overlap=not step.engines_needed, exports=exports)
-                if self.pipelined and not issued and not step.engines_needed and not step.stop:
+                        held = self.syncer.after_step(metrics, may_overlap=not step.engines_needed)
+                if self.pipelined and not step.engines_needed and not step.stop:
                     with clock("sample"):  # the next step trains while this one's row is made
-                        issued.append(self.launch(signals))
+                        launched = self.launch(signals)
                 with clock("sync"):
                     self.syncer.settle_previous()  # the previous step's sync, normally long done
                 if step.evaluate or step.checkpoint:  # never while a load is still under way
@@ -220,10 +182,8 @@ class Driver:
                 if step.stop:  # the caller's ``finally`` closes W&B and the actors
                     raise RunInterrupted(signals.received, self.version, checkpoint)
         except BaseException:
-            if current is not None and current.exports is not None:  # the step behind waits for their put
-                self.publish_orphaned(current.exports)
-            for launched in issued:  # steps in flight: a checkpoint now must hold them
-                self.settle(launched)
+            if launched is not None:  # a step issued ahead: a checkpoint now must hold it
+                self.settle(*launched)
             self.syncer.flush_held_row({})  # its sync's outcome is unknown; the step itself happened
             self.producers.abort()
             raise
@@ -235,7 +195,7 @@ class Driver:
         the next step is issued before this one's telemetry and row (docs/architecture.md)."""
         return self.cfg.mode == "async"
 
-    def launch(self, signals: StopSignals) -> Launched:
+    def launch(self, signals: StopSignals) -> tuple[Batch, list]:
         """Take the next batch and issue its step; then, in async mode, ask for the batch after
         it (a prefetch), unless that step would not run: the run ends or stops after this one."""
         batch = self.batches.next_batch()
@@ -243,55 +203,14 @@ class Driver:
         upcoming = self.version + 1
         if upcoming < self.cfg.total_steps and signals.received is None:
             self.batches.prefetch(upcoming)
-        return Launched(batch, calls)
+        return batch, calls
 
-    def issue_ahead(self, current: Launched, signals: StopSignals) -> Launched | None:
-        """Async mode: issue the next step now, before ``current`` has returned, queued on the
-        learner ranks behind it and the export that must come between (``current.exports``). The
-        learner then goes from one step to the next without waiting for the driver to read the
-        result, start the sync and send the next call (5-9 ms a step of the ``tiny`` benchmark
-        on 2 cores, docs/benchmarks.md). The ranks fetch the batch themselves (``BatchSource.ahead``).
-
-        Only when ``current``'s plan, predicted from the version it will make, runs nothing
-        between the two steps: no evaluation, checkpoint, end of run or stop, and no sync that
-        the learner takes part in (the collective transport). And only when ``current`` has a
-        batch: after one issued ahead found none, the next waits in ``launch`` (and a request
-        at a version the learner never reaches would evict the pairs it needs)."""
-        upcoming = self.version + 1  # what ``current`` makes unless it is skipped
-        plan = StepPlan.after(self.cfg, upcoming, False)
-        if (not self.pipelined or signals.received is not None or plan.engines_needed
-                or (plan.sync and not self.syncer.can_overlap)):
-            return None
-        if current.batch.resolve(SAMPLE_WAIT_S + 60) is None:  # its request's wait, then the answer
-            return None
-        current.exports = self.syncer.export_ahead() if plan.sync else None
-        batch = self.batches.ahead(upcoming)
-        return Launched(batch, self.start_learn(batch))
-
-    def missed_batch(self, exports: list | None) -> None:
-        """A step issued ahead found no batch within its request's wait: the export queued
-        behind it (the same version again) is still published, since the next optimizer update
-        waits for that; the producers are tended, and the run stops once no batch came for
-        ``call_timeout_s`` (``BatchSource.missed``)."""
-        if exports is not None:
-            self.syncer.begin_background(exports)
-        self.batches.missed()
-
-    def publish_orphaned(self, exports: list) -> None:
-        """A fault between a step and its sync, with the next step issued behind it: publish the
-        queued export anyway, so that step's optimizer update is not left waiting for the put
-        until ``sync.timeout_s`` before the checkpoint (``settle``)."""
+    def settle(self, batch: Batch, calls: list) -> None:
+        """A fault or a stop met a step issued ahead: let it finish (bounded) so the driver's
+        version matches the learner's state a checkpoint saves; a learner that cannot finish it
+        cannot save one either."""
         try:
-            self.syncer.begin_background(exports)
-        except Exception as exc:  # noqa: BLE001 - reported, the original error propagates
-            print(f"warning: the weights exported before the fault were not published ({exc})", flush=True)
-
-    def settle(self, launched: Launched) -> None:
-        """A fault met a step in flight (issued ahead, or issued and not yet waited for): let it
-        finish (bounded) so the driver's version matches the learner's state a checkpoint saves;
-        a learner that cannot finish it cannot save one either."""
-        try:
-            self.finish_learn(launched.batch, launched.calls)
+            self.finish_learn(batch, calls)
         except Exception as exc:  # noqa: BLE001 - reported, the original error propagates
             print(f"warning: the learner step issued ahead did not finish ({type(exc).__name__}: {exc})",
                   flush=True)

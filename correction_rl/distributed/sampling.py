@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import ray
 
@@ -28,28 +28,13 @@ from correction_rl.run.state import sample_or_collect
 from correction_rl.types import CorrectionPair
 
 
-SAMPLE_WAIT_S = 5.0
-"""How long one ``sample_batch`` request waits in the buffer actor for admissible pairs: the
-slice between two checks of the producers while the learner waits for a batch."""
-
-
 @dataclass
 class Batch:
     """One learner step's batch: its summary and one shard per learner rank (a ``ShardRef``
     the rank fetches itself in async mode, the pairs in sync mode)."""
 
-    info: BatchInfo | None
-    """None until ``resolve`` for the batch of a step issued ahead (``BatchSource.ahead``)."""
+    info: BatchInfo
     shards: list
-    info_ref: Any = None
-    """A step issued ahead: the reference of its ``BatchInfo``, read once the step returned."""
-
-    def resolve(self, timeout: float) -> BatchInfo | None:
-        """The summary; None when the buffer had no batch ready within its request's wait (the
-        learner ranks then trained nothing)."""
-        if self.info is None and self.info_ref is not None:
-            self.info = get_within(self.info_ref, timeout, "buffer sample")
-        return self.info
 
     def pairs(self, timeout: float) -> list[CorrectionPair]:
         """The pairs themselves (only for a W&B corrections table: fetched on that step only)."""
@@ -90,10 +75,6 @@ class BatchSource:
         self.trained_through: int | None = None
         """The id of the last lent batch the learner trained (told to the buffer actor with the
         next sample or checkpoint: it stops counting that batch as lent)."""
-        self.told_version = -1
-        """The newest learner version a sample request told the buffer actor."""
-        self.starved_since: float | None = None
-        """Since when the steps issued ahead have found no batch (``missed``)."""
 
     def next_batch(self) -> Batch:
         if self.cfg.mode == "async":
@@ -116,47 +97,13 @@ class BatchSource:
         if self.cfg.mode == "async" and self.pending is None:
             self.pending = self._request(version)
 
-    def ahead(self, version: int) -> Batch:
-        """Async mode: the batch of the step the driver issues ahead, which trains from
-        ``version`` once the step under way is done: the prefetch when one is under way, else a
-        new request. Nothing waits here: the learner ranks get the shards' references and wait for
-        the pairs themselves; the summary is read when the step has returned (``resolve``).
-
-        The caller has read the summary of the batch before (``Driver.issue_ahead``): one
-        request at a time, since the buffer actor serves requests concurrently, and two waiting at
-        once could lend in the other order, or sample at a version older than the other's."""
-        self.producers.revive()
-        request = self.pending or self._request(version)
-        self.pending = None
-        return Batch(None, [ShardRef(ref) for ref in request.refs[1:]], request.refs[0])
-
-    def missed(self) -> None:
-        """A step issued ahead found no batch within its request's wait: tend the producers as
-        between two slices of ``wait_for_batch``, and stop the run with its error when no batch
-        came for ``call_timeout_s``."""
-        now = time.monotonic()
-        if self.starved_since is None:
-            self.starved_since = now - SAMPLE_WAIT_S  # the request waited that long already
-        if now - self.starved_since >= self.timeout:
-            raise self.starved()
-        self.producers.tend()
-
     def trained(self, batch: Batch) -> None:
-        self.starved_since = None
         if batch.info.batch_id >= 0:
             self.trained_through = batch.info.batch_id
 
-    def starved(self) -> TimeoutError:
-        return TimeoutError(
-            f"no batch of {self.batch_pairs} admissible pairs within {self.timeout:.0f} s: the "
-            "producers stalled (see teacher/skipped/* and rollout idle fractions)"
-        )
-
-    def _request(self, version: int, wait: float | None = None) -> SampleRequest:
-        wait = SAMPLE_WAIT_S if wait is None else wait  # read when called: a test shortens it
+    def _request(self, version: int, wait: float = 5.0) -> SampleRequest:
         refs = self.cluster.buffer.sample_batch.options(num_returns=self.ranks + 1).remote(
             self.batch_pairs, version, wait, self.ranks, self.trained_through)
-        self.told_version = max(self.told_version, version)
         return SampleRequest(version, refs, wait)
 
     def wait_for_batch(self) -> Batch:
@@ -166,16 +113,19 @@ class BatchSource:
         deadline = time.monotonic() + self.timeout
         while True:
             request = self.pending or self._request(self.current_version(),
-                                                    max(0.0, min(SAMPLE_WAIT_S, deadline - time.monotonic())))
+                                                    max(0.0, min(5.0, deadline - time.monotonic())))
             self.pending = None
             info = get_within(request.refs[0], request.wait + 60, "buffer sample")
             if info is not None:
                 return Batch(info, [ShardRef(ref) for ref in request.refs[1:]])
             if time.monotonic() >= deadline:
-                raise self.starved()
+                raise TimeoutError(
+                    f"no batch of {self.batch_pairs} admissible pairs within {self.timeout:.0f} s: the "
+                    "producers stalled (see teacher/skipped/* and rollout idle fractions)"
+                )
             self.producers.tend()
             self.pending = self._request(max(request.version, self.current_version()),
-                                         max(0.0, min(SAMPLE_WAIT_S, deadline - time.monotonic())))
+                                         max(0.0, min(5.0, deadline - time.monotonic())))
 
     def collect_lockstep(self) -> None:
         """Sync mode: every worker generates one batch; teachers correct; pairs are stored. A

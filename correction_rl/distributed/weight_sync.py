@@ -84,20 +84,14 @@ class WeightSyncer:
         raise AssertionError("unreachable")
 
     # -- after a learner step -------------------------------------------------------------------
-    def export_ahead(self) -> list:
-        """The export alone, queued on the learner ranks now, behind the step under way and
-        before the step the driver issues ahead of its result (``can_overlap`` transports only);
-        ``after_step`` takes the result."""
-        return self.transport.export()
-
-    def after_step(self, metrics: dict[str, float], may_overlap: bool, exports: list | None = None) -> bool:
+    def after_step(self, metrics: dict[str, float], may_overlap: bool) -> bool:
         """The step's sync: in the background when allowed (returns True: the caller holds its
         metrics row with ``log(..., held=True)``), else now, its figures added to ``metrics``.
         A background sync does not wait for the previous one: its loads are ordered after the
         previous loads by its own thread, and the driver settles the previous one
         (``settle_previous``) once it has issued the next learner step."""
-        if may_overlap and self.can_overlap:  # always so where ``exports`` come from (``export_ahead``)
-            self.begin_background(exports)
+        if may_overlap and self.can_overlap:
+            self.begin_background()
             return True
         self.finish_background()
         metrics.update(self.sync_to_healthy_engines().as_metrics())
@@ -108,15 +102,13 @@ class WeightSyncer:
         """The newest background sync (None: none)."""
         return self.background[-1].future if self.background else None
 
-    def begin_background(self, exports: list | None = None) -> None:
-        """Start the sync now (the export is ordered before the next step, or was queued there
-        already: ``exports``, from ``export_ahead``), let a thread wait
+    def begin_background(self) -> None:
+        """Start the sync now (the export is ordered before the next step), let a thread wait
         for the previous background sync, then for this one's loads (so an engine never loads
         an older version after a newer one); its report is collected by ``settle_previous`` or
         ``finish_background`` before the next sync waited for at once, checkpoint, evaluation,
         producer restart or the end of the run."""
-        version = self.current_version()
-        pending = self.transport.start(version) if exports is None else self.transport.start(version, exports)
+        pending = self.transport.start(self.current_version())
         previous = self.pending
         future: concurrent.futures.Future = concurrent.futures.Future()
 

@@ -149,17 +149,11 @@ class ObjectStoreSync:
         self.timeout_s = timeout_s
         self.publish = self.learners[0].publish.options(concurrency_group=PUBLISH_GROUP)
 
-    def export(self) -> list:
-        """Issue the export on every learner rank now, ordered after the learner steps already
-        issued and before the next one; returns the calls' references for ``start``. The driver
-        calls it before the step it follows has returned (the step issued ahead, ``driver.py``)."""
-        return [r.export.remote() for r in self.learners]
-
-    def start(self, version: int, exports: list | None = None) -> PendingPublish:
+    def start(self, version: int) -> PendingPublish:
         """Issue the export on every learner rank now (the caller's next learner step runs after
-        it), unless ``export`` already did (``exports``), and rank 0's publish beside that step,
-        and return; ``wait`` on the result loads it everywhere."""
-        exports = self.export() if exports is None else exports
+        it) and rank 0's publish beside that step, and return; ``wait`` on the result loads it
+        everywhere."""
+        exports = [r.export.remote() for r in self.learners]
         publish = self.publish.remote(version, self.timeout_s)
         return PendingPublish(version, exports, publish, time.perf_counter(), self.workers, self.timeout_s)
 

@@ -9,10 +9,7 @@ A sync is split in two so a driver can overlap it with training: ``start(v)`` mu
 from the driver's step loop right after step v (it orders the export before the next
 ``train_step``), and ``PendingSync.wait()`` returns the report once every engine serves v.
 Transports that cannot overlap (the learner takes part in the broadcast, or everything runs in
-one process) finish inside ``start`` and return a ``DoneSync``. One that overlaps also offers the
-export alone, ``export()``, which the Ray driver issues before step v has even returned, queued
-between step v and the step it issues ahead (``distributed/driver.py``); ``start(v, exports)``
-then issues the rest.
+one process) finish inside ``start`` and return a ``DoneSync``.
 """
 
 from __future__ import annotations

@@ -115,11 +115,9 @@ class BufferActor:
     def sample_batch(self, n: int, learner_version: int, timeout: float, ranks: int,
                      trained_through: int | None) -> list:
         """``sample``, lent and split into ``ranks`` shards; call with ``num_returns=ranks + 1``:
-        ``[BatchInfo | None, shard_0, ..., shard_{ranks-1}]``, every shard None with the info when
-        no batch was ready within ``timeout``. The driver hands each shard's reference to its
-        learner rank, so the pairs never pass through the driver (in async mode it does so before
-        the info is known: the step issued ahead, ``driver.py``). ``trained_through``: the last
-        batch id the learner has trained (released here)."""
+        ``[BatchInfo | None, shard_0, ..., shard_{ranks-1}]``. The driver reads only the info and
+        hands each shard's reference to its learner rank, so the pairs never pass through the
+        driver. ``trained_through``: the last batch id the learner has trained (released here)."""
         with self.lock:
             self.lent.release(trained_through)
             self.waiting.append(learner_version)
@@ -135,8 +133,8 @@ class BufferActor:
                 self.waiting.remove(learner_version)
         with self.lock:  # sampled and lent at once: a checkpoint sees the pairs in one or the other
             pairs = self.buffer.sample(n, learner_version) if ready else None
-            if pairs is None:  # a learner rank handed a shard's reference finds None: no step
-                return [None] * (ranks + 1)
+            if pairs is None:
+                return [None] + [[] for _ in range(ranks)]
             self._sampled_at(learner_version)
             info: BatchInfo = self.lent.lend(pairs, learner_version)
             self.changed.notify_all()

@@ -93,20 +93,16 @@ class LearnerRank:
     def pid(self) -> int:
         return os.getpid()
 
-    def train_step(self, pairs: list[CorrectionPair] | ShardRef) -> StepStats | None:
+    def train_step(self, pairs: list[CorrectionPair] | ShardRef) -> StepStats:
         """One step on this rank's shard: the pairs, or a reference to them that this rank
-        fetches itself (the driver's prefetch or a step issued ahead, ``distributed/batches.py``).
-        None when that reference holds None: the buffer had no batch ready in time, nothing was
-        trained and the wait counts as idle. Adds to the step's phases (``train/phase/*_s``,
-        docs/metrics.md) what only the rank sees: how long it waited idle for this call since its
-        last work, the batch's transfer (a step issued ahead waits there for its batch), the
-        export before it, the put beside it and how long its optimizer update waited for that put."""
+        fetches itself (the driver's prefetch, ``distributed/batches.py``). Adds to the step's
+        phases (``train/phase/*_s``, docs/metrics.md) what only the rank sees: how long it
+        waited idle for this call since its last work, the batch's transfer, the export before
+        it, the put beside it and how long its optimizer update waited for that put."""
         start = time.perf_counter()
         waited = 0.0 if self.last_end is None else start - self.last_end
         if isinstance(pairs, ShardRef):
             pairs = ray.get(pairs.ref, timeout=self.cfg.resources.call_timeout_s)
-            if pairs is None:
-                return None
         fetched = time.perf_counter()
         publish_wait = [0.0]
 

@@ -163,17 +163,13 @@ class RolloutWorker:
                 self.wait_for_version(useful, 0.5)  # the load is under way; then ask again
                 continue
             rollouts = self.generate()
-            # position and prompts first (recorded), then the hand-off: a worker killed in
+            # position and prompts first (acknowledged), then the hand-off: a worker killed in
             # between skips this batch's prompts on restart instead of paying the teacher twice
-            # for them; a checkpoint meanwhile has them in flight (a resume draws them again).
-            # The teacher gets the note's reference, so Ray runs it only once the note is
-            # recorded, without this worker waiting for the acknowledgement first (2-5 ms of
-            # every batch's way to the learner on 2 cores, docs/benchmarks.md).
-            key = buffer.note_handoff.remote(self.worker_id, self.state_dict(),
-                                             [r.prompt.prompt_id for r in rollouts])
+            # for them; a checkpoint meanwhile has them in flight (a resume draws them again)
+            key = ray.get(buffer.note_handoff.remote(self.worker_id, self.state_dict(),
+                                                     [r.prompt.prompt_id for r in rollouts]), timeout=call_timeout_s)
             teacher = teachers[batches % len(teachers)]
             inflight.append(teacher.correct_and_store.remote(rollouts, buffer, key))
-            ray.get(key, timeout=call_timeout_s)  # recorded before the next ``room`` counts it
             batches += 1
             while len(inflight) >= max_inflight and not self.stop_event.is_set():
                 done, inflight = ray.wait(inflight, num_returns=1, timeout=0.5)
