@@ -163,6 +163,24 @@ def test_a_background_sync_does_not_hold_up_the_next_step_and_loads_stay_in_orde
     assert rows.steps == [1, 2] and transport.loads == [1, 2]
 
 
+@pytest.mark.timeout(60)
+def test_a_sync_waited_for_at_once_loads_after_the_background_syncs(tmp_path):
+    """A recovery sync may publish a newer version than a background sync still loading
+    (``PublishHandoff.take``): its loads must come last, or an engine would be asked to go back a
+    version."""
+    cfg = config_from_dict({"name": "overlap", "output_dir": str(tmp_path), "mode": "async"})
+    transport, version = HeldTransport(), [1]
+    syncer = WeightSyncer(cfg, transport, health=None, current_version=lambda: version[0])
+    syncer.sink = Rows()
+    syncer.after_step({}, may_overlap=True)  # version 1 loading in the background
+    version[0] = 2
+    transport.releases[2] = threading.Event()
+    transport.releases[2].set()  # the recovery's own loads would finish at once
+    threading.Timer(0.3, transport.releases[1].set).start()
+    assert syncer.sync().version == 2
+    assert transport.loads == [1, 2]
+
+
 def test_a_batch_at_a_teacher_counts_against_the_room(tmp_path):
     """A producer must not draw another batch while its last one is still being corrected: the
     learner takes one batch per step, and the extra one went stale (the waste measured in

@@ -52,6 +52,12 @@ class WeightSyncer:
         self.sink: Any = None
 
     @property
+    def background_bound_s(self) -> float:
+        """The longest a background sync can run: its own waits (export, loads) are bounded by
+        ``sync.timeout_s`` each; waiting for one longer than this means its thread is stuck."""
+        return 2 * self.cfg.sync.timeout_s + 60
+
+    @property
     def can_overlap(self) -> bool:
         """Async mode with a transport that lets the learner train while the engines load (each
         finishes its running generation first, which can take as long as a learner step)."""
@@ -62,8 +68,19 @@ class WeightSyncer:
         """One sync of the current version, repeated (same version: idempotent) if a rollout
         worker was restarting; a stalled one still raises ``SyncTimeout``. A collective
         transport (re)builds its group first when a member is not in it."""
+        self.await_background_loads()
         return while_restarting(lambda: sync(self.transport, self.current_version()), "weight sync",
                                 self.cfg.resources.start_timeout_s)
+
+    def await_background_loads(self) -> None:
+        """A sync waited for at once loads after every background sync still loading (their
+        outcomes are settled later, by ``_settle``). It may be a recovery sync started while a
+        learner step is in flight: its export then comes after that step and publishes the
+        newer version (``PublishHandoff.take``), and an engine must never take an older version
+        after a newer one (``check_version`` refuses it)."""
+        pending = [b.future for b in self.background]
+        if pending:
+            concurrent.futures.wait(pending, timeout=self.background_bound_s)
 
     def sync_to_healthy_engines(self) -> SyncReport:
         """``sync`` after the engine health check; an engine that died after the check fails
@@ -114,7 +131,7 @@ class WeightSyncer:
 
         def run() -> None:
             if previous is not None:
-                concurrent.futures.wait([previous], timeout=2 * self.cfg.sync.timeout_s + 60)
+                concurrent.futures.wait([previous], timeout=self.background_bound_s)
             try:
                 future.set_result(pending.wait())
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
@@ -141,7 +158,7 @@ class WeightSyncer:
         stalled while loading, a worker restarting), sync the current version again the checked
         way, which replaces dead engines or stops the run with ``SyncTimeout``."""
         try:  # the thread's own waits are bounded by sync.timeout_s
-            metrics = sync.future.result(timeout=2 * self.cfg.sync.timeout_s + 60).as_metrics()
+            metrics = sync.future.result(timeout=self.background_bound_s).as_metrics()
         except (EngineUnhealthy, SyncTimeout, ray.exceptions.RayActorError, concurrent.futures.TimeoutError) as exc:
             print(f"warning: background weight sync failed ({type(exc).__name__}: {exc}); "
                   "syncing again with the health check", flush=True)
