@@ -315,11 +315,13 @@ def test_worker_state_round_trips_through_a_checkpoint_dict():
     assert state.prompts_replayed == 2 and state.prompts_skipped == 3
 
 
-def test_the_load_delay_drill_reaches_rollout_actors_only_when_set(monkeypatch):
-    from correction_rl.distributed.actors import DRILL_LOAD_DELAY_ENV
+def test_the_drill_hooks_reach_their_actors_only_when_set(monkeypatch):
+    from correction_rl.distributed.actors import DRILL_LOAD_DELAY_ENV, DRILL_TEACHER_DELAY_ENV
     from correction_rl.distributed.cluster import _drill_env
 
     monkeypatch.delenv(DRILL_LOAD_DELAY_ENV, raising=False)
-    assert _drill_env() == {}
+    monkeypatch.delenv(DRILL_TEACHER_DELAY_ENV, raising=False)
+    assert _drill_env() == {} and _drill_env(DRILL_TEACHER_DELAY_ENV) == {}
     monkeypatch.setenv(DRILL_LOAD_DELAY_ENV, "40")
     assert _drill_env() == {"runtime_env": {"env_vars": {DRILL_LOAD_DELAY_ENV: "40"}}}
+    assert _drill_env(DRILL_TEACHER_DELAY_ENV) == {}  # each hook goes only where it is set

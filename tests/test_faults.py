@@ -169,6 +169,52 @@ def test_killed_rollout_and_teacher_actors_restart_and_the_run_finishes(tmp_path
     assert len(set(prompt_ids)) == len(prompt_ids), "a prompt was drawn twice"
 
 
+def _busy_title(class_name: str, method: str, timeout: float = 60) -> int:
+    """Wait until the one live ``class_name`` actor runs ``method`` (Ray titles the process
+    ``ray::<Class>.<method>`` while it does); its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = _alive_pid(class_name)
+        try:
+            if f"{class_name}.{method}" in (Path(f"/proc/{pid}/cmdline")).read_bytes().decode(errors="replace"):
+                return pid
+        except OSError:
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"{class_name} did not run {method} within {timeout:.0f} s")
+
+
+def test_a_teacher_killed_with_a_dead_producers_batch_does_not_stall_the_run(tmp_path, ray_local, tiny_model_dir,
+                                                                            monkeypatch):
+    """The CI failure of 2026-11-30: the rollout worker and the teacher die together while the
+    teacher corrects a batch of that worker's producer. Nobody is left to retry the call, so the
+    batch stays in the hand-off ledger, its prompts hold the producers' room, and the restarted
+    producer waited for room until the run stopped as stalled. Now a restarted producer's
+    batches still in flight are drawn again (``HandoffLedger.requeue``)."""
+    from correction_rl.distributed.actors import DRILL_TEACHER_DELAY_ENV
+
+    monkeypatch.setenv(DRILL_TEACHER_DELAY_ENV, "1.5")  # the teacher holds each batch 1.5 s: the window
+    cfg = system_config(tmp_path, tiny_model_dir, "lostbatch", total_steps=8, eval__every_steps=0,
+                        checkpoint__every_steps=0, metrics__wandb_mode="disabled",
+                        learner__backend="torch", resources__max_actor_restarts=2,
+                        resources__call_timeout_s=60)
+    thread, outcome = _run_in_thread(cfg)
+    _wait_step(cfg, thread, 2)
+    teacher = _busy_title("TeacherWorker", "correct_and_store")
+    os.kill(_alive_pid("RolloutWorker"), signal.SIGKILL)  # the batch's producer, then its teacher
+    os.kill(teacher, signal.SIGKILL)
+    thread.join(300)
+    assert not thread.is_alive()
+    assert "result" in outcome, outcome
+    rows = [r for r in read_jsonl_metrics(cfg.run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
+    last = rows[-1]
+    assert last["faults/rollout_restarts"] == 1 and last["faults/teacher_restarts"] == 1
+    assert last["faults/prompts_requeued"] >= cfg.rollout.batch_size  # the batch the teacher held
+    prompt_ids = [p.prompt_id for p in read(cfg.run_dir / "corrections.jsonl")]
+    assert len(set(prompt_ids)) == len(prompt_ids), "a prompt was drawn twice"
+
+
 def test_a_dead_learner_rank_stops_the_run_naming_the_checkpoint_to_resume_from(tmp_path, ray_local, tiny_model_dir):
     cfg = system_config(tmp_path, tiny_model_dir, "deadrank", total_steps=40, eval__every_steps=0,
                         checkpoint__every_steps=2, metrics__wandb_mode="disabled", learner__backend="torch",

@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from correction_rl.config import ResourcesConfig, RunConfig
 from correction_rl.distributed.actors import (
     DRILL_LOAD_DELAY_ENV,
+    DRILL_TEACHER_DELAY_ENV,
     BufferActor,
     LearnerRank,
     RolloutWorker,
@@ -88,11 +89,11 @@ def _driver_env_vars(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def _drill_env() -> dict[str, Any]:
-    """The fault-drill hook (``CORRECTION_RL_DRILL_LOAD_DELAY_S``, not a config field) travels
-    from the driver's environment to the rollout actors; nothing is added when it is unset."""
-    value = os.environ.get(DRILL_LOAD_DELAY_ENV)
-    return {"runtime_env": {"env_vars": {DRILL_LOAD_DELAY_ENV: value}}} if value else {}
+def _drill_env(name: str = DRILL_LOAD_DELAY_ENV) -> dict[str, Any]:
+    """A fault-drill hook (``actors/drills.py``, not a config field) travels from the driver's
+    environment to the actors it concerns; nothing is added when it is unset."""
+    value = os.environ.get(name)
+    return {"runtime_env": {"env_vars": {name: value}}} if value else {}
 
 
 ROLES = ("learner", "rollout", "teacher")
@@ -370,7 +371,8 @@ def start_cluster(cfg: RunConfig, train_prompts: Sequence[Prompt]) -> Cluster:
     teachers = []
     for worker_id in range(res.num_teacher_workers):
         actor_cls = ray.remote(reporting_start_errors(TeacherWorker)).options(
-            **options(index, max_concurrency=2, max_restarts=res.max_actor_restarts, max_task_retries=2)
+            **options(index, max_concurrency=2, max_restarts=res.max_actor_restarts, max_task_retries=2,
+                      **_drill_env(DRILL_TEACHER_DELAY_ENV))
         )
         teachers.append(actor_cls.remote(cfg, worker_id))
         index += 1

@@ -35,8 +35,8 @@ class ActorHealth:
         hand-off ledger)."""
         self.pids = self.actor_pids()
 
-    def count(self, key: str) -> float:
-        self.faults[key] = self.faults.get(key, 0) + 1
+    def count(self, key: str, n: float = 1) -> float:
+        self.faults[key] = self.faults.get(key, 0) + n
         return self.faults[key]
 
     def actor_pids(self) -> dict[str, list[int]]:
@@ -71,11 +71,13 @@ class ActorHealth:
         self.pids = pids
         return rollout_restarts
 
-    def restore_stream(self, i: int) -> None:
+    def restore_stream(self, i: int, counted: bool = True) -> None:
         """Put restarted rollout worker ``i`` back at its last known prompt-stream position:
         the one its producer reported after its last handed-off batch (async: kept by the buffer
         actor, seeded with the checkpoint's on resume), or the one after the last lockstep round
-        (sync, likewise), so the lost batch is redone and no prompt is drawn twice."""
+        (sync, likewise), so the lost batch is redone and no prompt is drawn twice. Also gives a
+        worker that lives on the prompts requeued from its ended producer (``counted=False``:
+        that is no restored stream)."""
         if self.cfg.mode == "async":
             state = get_within(self.cluster.buffer.stream_position.remote(i), self.timeout, "stream position")
         else:
@@ -83,7 +85,7 @@ class ActorHealth:
         while_restarting(lambda: get_within(self.cluster.rollout_workers[i].load_state_dict.remote(state),
                                             self.timeout, "rollout worker stream restore"),
                          "rollout worker stream restore", self.cfg.resources.start_timeout_s)
-        if state is not None:
+        if state is not None and counted:
             self.count("faults/streams_restored")
 
     def check_engines(self) -> int:

@@ -102,11 +102,28 @@ class Producers:
                     f"(last: worker {i}, {ended[i]}); more than resources.max_actor_restarts allows"
                 )
             print(f"warning: producer of rollout worker {i} ended ({ended[i]}); restarting it", flush=True)
+        requeued = self._requeue_in_flight(ended)
         if "RayTaskError" in ended.values():  # the actor lives: was it its engine that failed?
             self.health.check_engines()
         self.recovery.restore()
         for i in ended:
+            if requeued.get(i):  # a worker that lives on must draw the requeued prompts too
+                self.health.restore_stream(i, counted=False)
             self.tasks[i] = self._produce(self.cluster.rollout_workers[i])
+
+    def _requeue_in_flight(self, ended: dict[int, str]) -> dict[int, int]:
+        """An ended producer's batches still at a teacher may never be stored: a teacher that
+        died with them could not retry a call whose caller had died too. Left in the hand-off
+        ledger they would hold the producers' room for good (a stalled run), so they go back
+        to the worker's stream, drawn again first (``HandoffLedger.requeue``)."""
+        requeued = {}
+        for i in ended:
+            n = get_within(self.cluster.buffer.requeue_in_flight.remote(i), self.timeout, "hand-off requeue")
+            if n:
+                self.health.count("faults/prompts_requeued", n)
+                print(f"warning: rollout worker {i}'s {n} prompts still at a teacher are drawn again", flush=True)
+            requeued[i] = n
+        return requeued
 
     def tend(self) -> None:
         """Between the slices of a wait for a batch: a producer whose engine died is blocked

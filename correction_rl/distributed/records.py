@@ -25,6 +25,27 @@ class EngineHealth:
 
 
 @dataclass(frozen=True)
+class ProducerRoom:
+    """What holds async producers back, seen by the buffer actor (``BufferActor.producer_room``):
+    the figures a stalled run's error names, so a stall says whether the buffer was full, the
+    teachers held the room, or the pairs went stale."""
+
+    unsampled_pairs: int
+    max_pending: int
+    in_flight_batches: int
+    """Batches handed to a teacher whose pairs are not stored yet."""
+    in_flight_prompts: int
+    learner_version: int
+    admissible_pairs: int
+    """Unsampled pairs the learner may still take at ``learner_version``."""
+
+    def describe(self) -> str:
+        return (f"buffer: {self.unsampled_pairs} unsampled pairs ({self.admissible_pairs} admissible at "
+                f"learner version {self.learner_version}) of buffer.max_pending={self.max_pending}; "
+                f"at the teachers: {self.in_flight_batches} batch(es), {self.in_flight_prompts} prompts")
+
+
+@dataclass(frozen=True)
 class WorkerState:
     """Where a rollout worker's prompt stream stands, and its sampling-call and token counts:
     what a checkpoint stores per worker and what a restarted worker is given back."""

@@ -121,11 +121,19 @@ class BatchSource:
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"no batch of {self.batch_pairs} admissible pairs within {self.timeout:.0f} s: the "
-                    "producers stalled (see teacher/skipped/* and rollout idle fractions)"
+                    f"producers stalled ({self._room_now()}; see teacher/skipped/* and rollout idle "
+                    "fractions)"
                 )
             self.producers.tend()
             self.pending = self._request(max(request.version, self.current_version()),
                                          max(0.0, min(5.0, deadline - time.monotonic())))
+
+    def _room_now(self) -> str:
+        """The buffer's view of the stall, for its error (bounded: the error must not wait)."""
+        try:
+            return get_within(self.cluster.buffer.producer_room.remote(), 30, "buffer room").describe()
+        except Exception as exc:  # noqa: BLE001 - the stall is the error; this only adds to it
+            return f"buffer state unknown: {type(exc).__name__}"
 
     def collect_lockstep(self) -> None:
         """Sync mode: every worker generates one batch; teachers correct; pairs are stored. A

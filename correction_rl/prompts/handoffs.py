@@ -9,6 +9,14 @@ regenerate prompts whose corrections did arrive. The ledger records both halves 
 the buffer actor, which also stores the pairs: a batch stops being "in flight" in the same call
 that stores its pairs, so one snapshot of buffer and ledger is consistent (docs/reliability.md,
 "Prompts in flight").
+
+A batch can also be lost while the run goes on: a teacher that dies while correcting a batch
+whose producer died too (nobody is left to retry the call), or a call that failed beyond Ray's
+retries. Its prompts would then stay "in flight" for good, and since they count against the
+producers' room, the producers would wait for room forever. So a producer that is restarted
+hands its batches still in flight back (``requeue``): their prompts are drawn again first, and
+pairs that still arrive for them later are dropped (``resolve`` says so), so no prompt gets two
+corrections.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ class HandoffLedger:
     def __init__(self) -> None:
         self.positions: dict[int, dict[str, Any]] = {}
         self.in_flight: dict[BatchKey, list[str]] = {}
+        self.requeued: set[BatchKey] = set()
+        """Batches handed back by a restarted producer: their prompts are drawn again, so pairs
+        that still arrive for them are not stored."""
 
     def note(self, worker_id: int, state: dict[str, Any], prompt_ids: Sequence[str]) -> BatchKey:
         """A batch leaves ``worker_id`` for a teacher; ``state`` is the worker's state after
@@ -45,10 +56,29 @@ class HandoffLedger:
         if state is not None and (known is None or state["calls"] >= known["calls"]):
             self.positions[worker_id] = state
 
-    def resolve(self, key: BatchKey | None) -> None:
-        """The batch's pairs are stored (or it yielded none): it is no longer in flight."""
-        if key is not None:
-            self.in_flight.pop(key, None)
+    def resolve(self, key: BatchKey | None) -> bool:
+        """The batch's pairs arrived: it is no longer in flight. False: the batch was requeued
+        and its prompts are drawn again, so these pairs must not be stored."""
+        if key is None:
+            return True
+        if key in self.requeued:
+            self.requeued.discard(key)
+            return False
+        self.in_flight.pop(key, None)
+        return True
+
+    def requeue(self, worker_id: int) -> int:
+        """``worker_id``'s producer was restarted: nobody may be waiting on its batches still in
+        flight any more. Its position draws their prompts again first (oldest first), and they
+        stop holding room. Returns the number of prompts requeued."""
+        keys = sorted(k for k in self.in_flight if k[0] == worker_id)
+        if not keys:
+            return 0
+        prompts = [pid for key in keys for pid in self.in_flight.pop(key)]
+        self.requeued.update(keys)
+        self.positions[worker_id] = {**self.positions[worker_id],
+                                     "stream": with_replay(self.positions[worker_id]["stream"], prompts)}
+        return len(prompts)
 
     def position(self, worker_id: int) -> dict[str, Any] | None:
         return self.positions.get(worker_id)

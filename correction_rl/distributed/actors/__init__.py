@@ -11,14 +11,16 @@ teacher workers, which push pairs straight into the buffer actor.
 
 from correction_rl.distributed.actors.buffer import BufferActor
 from correction_rl.distributed.actors.clock import BusyClock
+from correction_rl.distributed.actors.drills import DRILL_LOAD_DELAY_ENV, DRILL_TEACHER_DELAY_ENV
 from correction_rl.distributed.actors.learner import LearnerRank
-from correction_rl.distributed.actors.rollout import DRILL_LOAD_DELAY_ENV, RestartedWorker, RolloutWorker
+from correction_rl.distributed.actors.rollout import RestartedWorker, RolloutWorker
 from correction_rl.distributed.actors.teacher import TeacherWorker
 
 __all__ = [
     "BufferActor",
     "BusyClock",
     "DRILL_LOAD_DELAY_ENV",
+    "DRILL_TEACHER_DELAY_ENV",
     "LearnerRank",
     "RestartedWorker",
     "RolloutWorker",

@@ -10,7 +10,7 @@ from correction_rl.buffer.correction_log import CorrectionLog
 from correction_rl.buffer.replay import ReplayBuffer
 from correction_rl.config import RunConfig
 from correction_rl.distributed.batches import BatchInfo, LentBatches, shards
-from correction_rl.distributed.records import BufferRestore, BufferSnapshot, WorkerState
+from correction_rl.distributed.records import BufferRestore, BufferSnapshot, ProducerRoom, WorkerState
 from correction_rl.prompts.handoffs import BatchKey, HandoffLedger
 from correction_rl.run.components import buffer_config
 from correction_rl.types import CorrectionPair
@@ -40,13 +40,26 @@ class BufferActor:
         """The learner version of the last sample: the next one is at least one version later."""
         self.waiting: list[int] = []
         """Versions of sample calls waiting for pairs now."""
+        self.late_pairs_dropped = 0
+        """Pairs that arrived for a batch requeued meanwhile (``requeue_in_flight``)."""
 
     def add(self, pairs: list[CorrectionPair], batch_key: BatchKey | None = None) -> int:
         with self.lock:
+            if not self.handoffs.resolve(batch_key):  # requeued: its prompts are drawn again
+                self.late_pairs_dropped += len(pairs)
+                return 0
             admitted = self.buffer.add(pairs).admitted
-            self.handoffs.resolve(batch_key)
             self.changed.notify_all()
         return admitted
+
+    def requeue_in_flight(self, worker_id: int) -> int:
+        """A restarted producer's batches still with a teacher go back to its stream (drawn
+        again first) and stop holding room (``HandoffLedger.requeue``). Returns the prompts
+        requeued; the driver then gives the worker its position (``stream_position``)."""
+        with self.lock:
+            n = self.handoffs.requeue(worker_id)
+            self.changed.notify_all()
+        return n
 
     def wait_for_room(self, timeout: float) -> bool:
         return self.buffer.wait_for_room(timeout)
@@ -72,6 +85,15 @@ class BufferActor:
 
     def _room(self) -> int:
         return self.buffer.room() - sum(len(ids) for ids in self.handoffs.in_flight.values())
+
+    def producer_room(self) -> ProducerRoom:
+        """What holds the producers back now (a stalled run names it)."""
+        with self.lock:
+            stats = self.buffer.stats()
+            return ProducerRoom(unsampled_pairs=stats.pending, max_pending=stats.max_pending,
+                                in_flight_batches=len(self.handoffs.in_flight),
+                                in_flight_prompts=sum(len(ids) for ids in self.handoffs.in_flight.values()),
+                                learner_version=stats.learner_version, admissible_pairs=stats.admissible)
 
     def note_handoff(self, worker_id: int, state: WorkerState, prompt_ids: list[str]) -> BatchKey:
         """A producer's state after drawing a batch it is about to hand to a teacher, and that
@@ -152,7 +174,8 @@ class BufferActor:
         return evicted
 
     def metrics(self) -> dict[str, float]:
-        return {**self.buffer.stats().as_metrics(), "buffer/lent_pairs": float(len(self.lent))}
+        return {**self.buffer.stats().as_metrics(), "buffer/lent_pairs": float(len(self.lent)),
+                "buffer/late_pairs_dropped": float(self.late_pairs_dropped)}
 
     def state_dict(self) -> dict[str, Any]:
         return self.buffer.state_dict()

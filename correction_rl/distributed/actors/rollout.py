@@ -12,24 +12,13 @@ import ray
 
 from correction_rl.config import RunConfig
 from correction_rl.distributed.actors.clock import BusyClock
+from correction_rl.distributed.actors.drills import DRILL_LOAD_DELAY_ENV, drill_delay
 from correction_rl.distributed.collective_member import ReceivingMember
 from correction_rl.distributed.records import EngineHealth, WorkerState
 from correction_rl.prompts.stream import PromptStream
 from correction_rl.rollout.base import AdoptsWeights, ChecksHealth, Closeable, EngineUnhealthy, TorchPolicy
 from correction_rl.run.components import build_eval_teacher, build_generator, rollout_sampling
 from correction_rl.types import Prompt, Rollout, WeightUpdate
-
-DRILL_LOAD_DELAY_ENV = "CORRECTION_RL_DRILL_LOAD_DELAY_S"
-"""Fault drill, not a setting: seconds a rollout worker sleeps in every weight load (a stalled
-engine). Set in the environment of ``correction-rl train``; ``cluster.py`` hands it to the rollout
-actors (docs/reliability.md, "Drill hooks")."""
-
-
-def drill_load_delay() -> None:
-    delay = float(os.environ.get(DRILL_LOAD_DELAY_ENV) or 0.0)
-    if delay > 0:
-        time.sleep(delay)
-
 
 class RestartedWorker(RuntimeError):
     """A restarted rollout worker was asked for prompts or an evaluation before the driver gave
@@ -209,7 +198,7 @@ class RolloutWorker:
         from correction_rl.distributed.weights import from_transport
 
         with self.engine_lock(), self.engine_call():
-            drill_load_delay()
+            drill_delay(DRILL_LOAD_DELAY_ENV)
             self.install(from_transport(update))
             return self.generator.policy_version
 
@@ -311,7 +300,7 @@ class RolloutWorker:
         with self.engine_lock(), self.engine_call():  # the stall check sees a stuck receive
             start = time.perf_counter()
             deadline = time.monotonic() + timeout_s
-            drill_load_delay()
+            drill_delay(DRILL_LOAD_DELAY_ENV)
             update, transfer = self.member.receive(version, max(1e-3, deadline - time.monotonic()))
             if update is None:  # the engine's workers loaded it
                 self.awaiting_weights = False

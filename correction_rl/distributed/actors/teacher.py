@@ -12,6 +12,7 @@ import ray
 
 from correction_rl.config import RunConfig
 from correction_rl.distributed.actors.clock import BusyClock
+from correction_rl.distributed.actors.drills import DRILL_TEACHER_DELAY_ENV, drill_delay
 from correction_rl.pairs.ingest import Ingest, IngestResult
 from correction_rl.rollout.base import Closeable
 from correction_rl.run.components import build_teacher
@@ -63,6 +64,7 @@ class TeacherWorker:
     def correct(self, rollouts: Sequence[Rollout]) -> list[CorrectionPair]:
         """Sync mode: the pairs of ``rollouts``, returned to the driver (which stores them)."""
         start = time.perf_counter()
+        drill_delay(DRILL_TEACHER_DELAY_ENV)
         pairs, skipped = self.ingest.prepare(self.teacher.correct(rollouts))
         self._count(IngestResult(pairs, skipped), start)
         return pairs
@@ -70,6 +72,7 @@ class TeacherWorker:
     def correct_and_store(self, rollouts: Sequence[Rollout], buffer, batch_key=None) -> int:
         """Async mode: correct, then push straight into the buffer actor (no driver hop)."""
         start = time.perf_counter()
+        drill_delay(DRILL_TEACHER_DELAY_ENV)
         sink = RemoteBuffer(buffer, self.cfg.resources.call_timeout_s)
         result = self.ingest(self.teacher.correct(rollouts), sink, batch_key)
         self._count(result, start)
