@@ -27,6 +27,13 @@ generates and nothing else runs: the hardware's share of that slowdown). The lea
 timed again before every repeat, and each repeat's efficiency is taken against its own timing
 (medians reported): this machine's speed drifts over minutes.
 
+And where the CPU went (``_cpu.py``, Linux ``/proc``): ``async_cpu_ms_per_step``, the CPU
+milliseconds each role's processes used per async step (learner, rollout, teacher, buffer, the
+driver, ``other``: Ray's own processes and the rest of the machine), and
+``cores_busy_at_efficiency``: how many cores that much work per step would keep busy if the
+step lasted the learner-alone step ÷ 0.85 (or 0.9). More than ``cores`` means the target cannot
+be met on this machine without less work per step, however the roles overlap.
+
 Usage: ``python benchmarks/bench_pipeline.py [--steps 8] [--repeats 3] [--size tiny]
 [--pending-steps 1 --max-staleness 1] [--checkpoint-every 0] [--rows FILE] [--device cuda]``
 (how far generation may run ahead: throughput against staleness; checkpoints inside the
@@ -45,6 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _cpu
 import ray
 from _common import add_device_argument, check_device
 
@@ -250,12 +258,14 @@ def main() -> None:
             chunks = rates.pop("chunks")
             sync_rates, async_rates, alone = [], [], []
             phases = {"sync": PhaseSink(), "async": PhaseSink()}
-            beside = []
+            beside, async_cpu = [], []
             for _ in range(args.repeats):
                 alone.append(train_alone(cluster, chunks, min_steps=args.steps))
                 beside.append(train_beside_generation(cluster, chunks))
                 sync_rates.append(end_to_end(cluster, cfg, held_out, "sync", args.steps, phases["sync"]))
+                before = _cpu.snapshot()
                 async_rates.append(end_to_end(cluster, cfg, held_out, "async", args.steps, phases["async"]))
+                async_cpu.append(_cpu.spent(before, _cpu.snapshot()))
         finally:
             cluster.shutdown()
             ray.shutdown()
@@ -273,6 +283,12 @@ def main() -> None:
     e2e_async, e2e_sync = statistics.median(async_rates), statistics.median(sync_rates)
     speedup = e2e_async / e2e_sync
     steady_async, steady_sync = (statistics.median(phases[m].steady) for m in ("async", "sync"))
+    # CPU of each role per async step, and the cores that work would keep busy at a target
+    # efficiency (the step then lasts learner-alone step / efficiency): above the machine's
+    # cores, that target cannot be met without less work per step
+    cpu_ms = {role: statistics.median(c[role] for c in async_cpu) * 1000 / args.steps for role in async_cpu[0]}
+    alone_step_s = statistics.median(args.batch / rate for rate, _ in alone)
+    cores_needed = {str(eff): round(cpu_ms["total"] / 1000 * eff / alone_step_s, 2) for eff in (0.85, 0.9)}
     if args.rows is not None:
         with args.rows.open("w") as f:
             for mode, sink in phases.items():
@@ -306,6 +322,8 @@ def main() -> None:
         "learner_step_beside_generation_vs_alone": round(statistics.median(
             b["seconds"] / a["seconds"] for b, (_, a) in zip(beside, alone)), 3),
         "learner_step_target": 1.15,
+        "async_cpu_ms_per_step": {role: round(ms, 1) for role, ms in cpu_ms.items()},
+        "cores_busy_at_efficiency": cores_needed,
         "device": args.device,
     }), flush=True)
 
