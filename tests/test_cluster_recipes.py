@@ -321,7 +321,7 @@ def test_the_drill_hooks_reach_their_actors_only_when_set(monkeypatch):
 
     monkeypatch.delenv(DRILL_LOAD_DELAY_ENV, raising=False)
     monkeypatch.delenv(DRILL_TEACHER_DELAY_ENV, raising=False)
-    assert _drill_env() == {} and _drill_env(DRILL_TEACHER_DELAY_ENV) == {}
+    assert _drill_env(DRILL_LOAD_DELAY_ENV) == {} and _drill_env(DRILL_TEACHER_DELAY_ENV) == {}
     monkeypatch.setenv(DRILL_LOAD_DELAY_ENV, "40")
-    assert _drill_env() == {"runtime_env": {"env_vars": {DRILL_LOAD_DELAY_ENV: "40"}}}
+    assert _drill_env(DRILL_LOAD_DELAY_ENV) == {"runtime_env": {"env_vars": {DRILL_LOAD_DELAY_ENV: "40"}}}
     assert _drill_env(DRILL_TEACHER_DELAY_ENV) == {}  # each hook goes only where it is set

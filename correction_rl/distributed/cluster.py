@@ -89,7 +89,7 @@ def _driver_env_vars(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def _drill_env(name: str = DRILL_LOAD_DELAY_ENV) -> dict[str, Any]:
+def _drill_env(name: str) -> dict[str, Any]:
     """A fault-drill hook (``actors/drills.py``, not a config field) travels from the driver's
     environment to the actors it concerns; nothing is added when it is unset."""
     value = os.environ.get(name)
@@ -361,7 +361,7 @@ def start_cluster(cfg: RunConfig, train_prompts: Sequence[Prompt]) -> Cluster:
     # a list of prompts, or a dataset's row numbers (prompts/indexed.py: each worker reads its rows)
     shards = [ray.put(train_prompts[i :: res.num_rollout_workers]) for i in range(res.num_rollout_workers)]
     rollout_workers = []
-    drill = _drill_env()
+    drill = _drill_env(DRILL_LOAD_DELAY_ENV)
     for worker_id in range(res.num_rollout_workers):
         actor_cls = ray.remote(reporting_start_errors(RolloutWorker)).options(
             **options(index, max_concurrency=4, max_restarts=res.max_actor_restarts, **drill)

@@ -103,11 +103,12 @@ class Producers:
                 )
             print(f"warning: producer of rollout worker {i} ended ({ended[i]}); restarting it", flush=True)
         requeued = self._requeue_in_flight(ended)
+        pids_before = list(self.health.pids["rollout"])
         if "RayTaskError" in ended.values():  # the actor lives: was it its engine that failed?
             self.health.check_engines()
-        self.recovery.restore()
+        self.recovery.restore()  # a restarted worker gets its position, requeued prompts included
         for i in ended:
-            if requeued.get(i):  # a worker that lives on must draw the requeued prompts too
+            if requeued[i] and self.health.pids["rollout"][i] == pids_before[i]:  # a worker that lived on
                 self.health.restore_stream(i, counted=False)
             self.tasks[i] = self._produce(self.cluster.rollout_workers[i])
 

@@ -56,6 +56,11 @@ class HandoffLedger:
         if state is not None and (known is None or state["calls"] >= known["calls"]):
             self.positions[worker_id] = state
 
+    @property
+    def prompts_in_flight(self) -> int:
+        """Prompts handed to a teacher whose pairs are not stored yet (they hold producer room)."""
+        return sum(len(ids) for ids in self.in_flight.values())
+
     def resolve(self, key: BatchKey | None) -> bool:
         """The batch's pairs arrived: it is no longer in flight. False: the batch was requeued
         and its prompts are drawn again, so these pairs must not be stored."""

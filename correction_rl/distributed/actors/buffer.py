@@ -84,7 +84,7 @@ class BufferActor:
         return upcoming - self.max_staleness
 
     def _room(self) -> int:
-        return self.buffer.room() - sum(len(ids) for ids in self.handoffs.in_flight.values())
+        return self.buffer.room() - self.handoffs.prompts_in_flight
 
     def producer_room(self) -> ProducerRoom:
         """What holds the producers back now (a stalled run names it)."""
@@ -92,7 +92,7 @@ class BufferActor:
             stats = self.buffer.stats()
             return ProducerRoom(unsampled_pairs=stats.pending, max_pending=stats.max_pending,
                                 in_flight_batches=len(self.handoffs.in_flight),
-                                in_flight_prompts=sum(len(ids) for ids in self.handoffs.in_flight.values()),
+                                in_flight_prompts=self.handoffs.prompts_in_flight,
                                 learner_version=stats.learner_version, admissible_pairs=stats.admissible)
 
     def note_handoff(self, worker_id: int, state: WorkerState, prompt_ids: list[str]) -> BatchKey:
