@@ -29,7 +29,7 @@ def _role(pid: int) -> str | None:
     if pid == os.getpid():
         return "driver"
     try:
-        title = (Path(f"/proc/{pid}/cmdline")).read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
     except OSError:
         return None
     if title.startswith("ray::"):

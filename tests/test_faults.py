@@ -176,7 +176,7 @@ def _busy_title(class_name: str, method: str, timeout: float = 60) -> int:
     while time.monotonic() < deadline:
         pid = _alive_pid(class_name)
         try:
-            if f"{class_name}.{method}" in (Path(f"/proc/{pid}/cmdline")).read_bytes().decode(errors="replace"):
+            if f"{class_name}.{method}" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
                 return pid
         except OSError:
             pass
