@@ -61,7 +61,8 @@ def test_annotator_edits_and_submits_in_headless_chromium(app_server, tmp_path):
         d.save_screenshot(str(shot))
         keys(d, Keys.ENTER, modifier=Keys.CONTROL)  # Ctrl+Enter: submit
         assert wait_js(d, f"{STATUS}.startsWith('saved') && {STATUS}") == "saved (edit distance 1)"
-        assert wait_js(d, SHOWN_ITEM) == second
+        # the page says "saved" before it asks for the next item: wait until that item is shown
+        assert wait_js(d, f"({SHOWN_ITEM}) !== '{first}' && ({SHOWN_ITEM})") == second
         assert d.execute_script("return document.getElementById('edit').value") == EVIL
         assert d.title == "correction-rl: correct responses"
     done = queue.get(first)
